@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite under transformers 5.x (.venv) and transformers 4.57 (.venv-tf4), installing
+# both environments first if needed. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh .venv requirements/tf5.txt
+bash scripts/install.sh .venv-tf4 requirements/tf4.txt
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+status=0
+for venv in .venv .venv-tf4; do
+  echo "== pytest under $("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"
+  "$venv/bin/python" -m pytest "$@" || status=$?
+done
+exit $status

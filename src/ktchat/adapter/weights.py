@@ -1,0 +1,62 @@
+"""Lazy access to an adapter's tensor file: headers first (to validate before loading), tensors on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import KTChatError
+
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterWeights:
+    """Shapes and dtypes of every tensor in the file, and loading of chosen tensors, with clear errors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._bin: dict[str, torch.Tensor] | None = None
+        try:
+            if self.path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(self.path), framework="pt") as f:
+                    slices = {k: f.get_slice(k) for k in f.keys()}
+                    self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+                    self.dtypes = {k: s.get_dtype() for k, s in slices.items()}
+            else:
+                self._bin = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(self._bin, dict) or not all(isinstance(v, torch.Tensor) for v in self._bin.values()):
+                    raise ValueError("not a state dict of tensors")
+                self.shapes = {k: tuple(v.shape) for k, v in self._bin.items()}
+                self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self._bin.items()}
+        except KTChatError:
+            raise
+        except Exception as exc:  # safetensors and torch.load raise many types on corrupt files
+            raise KTChatError(f"{self.path}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
+
+    def load(self, keys) -> dict[str, torch.Tensor]:
+        """Loads the named tensors on the CPU; refuses NaN or Inf, which would poison every output."""
+        keys = list(keys)
+        try:
+            if self._bin is not None:
+                out = {k: self._bin[k] for k in keys}
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(self.path), framework="pt") as f:
+                    out = {k: f.get_tensor(k) for k in keys}
+        except Exception as exc:
+            raise KTChatError(f"{self.path}: cannot load adapter tensors ({type(exc).__name__}: {exc})") from None
+        for k, t in out.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise KTChatError(f"{self.path}: tensor {k} holds NaN or Inf values")
+        return out
+
+
+def find_weight_file(adapter_dir: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (Path(adapter_dir) / name).is_file():
+            return Path(adapter_dir) / name
+    raise KTChatError(f"{adapter_dir}: no adapter weights found (expected one of {', '.join(WEIGHT_NAMES)})")

@@ -1,0 +1,296 @@
+"""Chat settings read from a LLaMA-Factory style inference YAML, validated once at the edge.
+
+Users already have YAML files written for `llamafactory-cli chat`; ktchat reads them as they are. Every key is
+either used, accepted and logged as ignored (with the reason), or rejected with an error naming it, so a typo
+never silently changes what runs. The dataclasses are frozen and check themselves in `__post_init__`, so a
+value that reached the library has been validated whether it came from YAML, the CLI or Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .errors import KTChatError
+
+logger = logging.getLogger(__name__)
+
+INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
+EXPERTS_BACKENDS = ("auto", "torch", "kt")
+INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MOE_LORA_MODES = ("exact", "merged")
+ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
+
+# LLaMA-Factory keys that mean nothing at ktchat inference: accepted so existing YAML files load, logged once.
+_IGNORED_GROUPS = {
+    "taken from the adapter's own config": "lora_rank lora_alpha use_rslora use_dora",
+    "only used in training": (
+        "stage do_train do_eval do_predict finetuning_type lora_dropout lora_target additional_target "
+        "loraplus_lr_ratio pissa_init pissa_iter pissa_convert create_new_adapter freeze_trainable_layers "
+        "freeze_trainable_modules freeze_extra_modules dataset eval_dataset dataset_dir cutoff_len max_samples "
+        "overwrite_cache preprocessing_num_workers dataloader_num_workers packing neat_packing train_on_prompt "
+        "mask_history val_size tokenized_path output_dir overwrite_output_dir logging_steps save_steps "
+        "save_strategy save_total_limit save_only_model plot_loss report_to run_name "
+        "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps learning_rate "
+        "num_train_epochs max_steps lr_scheduler_type warmup_ratio warmup_steps weight_decay max_grad_norm optim "
+        "bf16 fp16 pure_bf16 ddp_timeout deepspeed resume_from_checkpoint eval_strategy eval_steps seed "
+        "gradient_checkpointing disable_gradient_checkpointing moe_aux_loss_coef upcast_layernorm "
+        "upcast_lmhead_output use_unsloth use_unsloth_gc enable_liger_kernel train_from_scratch"
+    ),
+    "ktchat places and runs the routed experts itself (see experts_backend)": (
+        "kt_optimize_rule chunk_size kt_config kt_backend kt_mode kt_use_cuda_graph kt_maxlen kt_force_think"
+    ),
+    "prompts are formatted with the tokenizer's chat template": "enable_thinking tool_format",
+    "only used by `llamafactory-cli export`": (
+        "export_dir export_size export_device export_quantization_bit export_quantization_dataset "
+        "export_quantization_nsamples export_quantization_maxlen export_legacy_format export_hub_model_id"
+    ),
+    "ktchat loads through transformers with its default settings": (
+        "flash_attn rope_scaling low_cpu_mem_usage use_fast_tokenizer use_cache cache_dir model_revision "
+        "split_special_tokens offload_folder print_param_status hf_hub_token ms_hub_token om_hub_token"
+    ),
+    "only used by the vllm/sglang engines": (
+        "vllm_maxlen vllm_gpu_util vllm_enforce_eager vllm_max_lora_rank vllm_config "
+        "sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_config sglang_lora_backend"
+    ),
+    "ktchat decodes one beam, bounded by max_new_tokens": "num_beams max_length length_penalty",
+    "special tokens are always removed from replies": "skip_special_tokens",
+}
+IGNORED_KEYS = {key: reason for reason, keys in _IGNORED_GROUPS.items() for key in keys.split()}
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise KTChatError(f"{key} must be {allowed} (got {value!r})")
+
+
+def _check_choice(key: str, value: Any, choices: tuple, optional: bool = False) -> None:
+    if (value is None and optional) or value in choices:
+        return
+    _fail(key, value, "one of " + ", ".join(choices))
+
+
+def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"an integer >= {minimum}")
+
+
+def _check_number(key: str, value: Any, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and (low < value if low_open else low <= value) and value <= high:
+        return
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+    _fail(key, value, f"a number {bounds}")
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+
+
+def _check_str(key: str, value: Any, optional: bool = True) -> None:
+    if (value is None and optional) or (isinstance(value, str) and value.strip()):
+        return
+    _fail(key, value, "a non-empty string")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which model and adapter to load and where the routed experts run."""
+
+    model_name_or_path: str
+    adapter_name_or_path: Optional[str] = None
+    template: Optional[str] = None  # remembered for the LLaMA-Factory hook; chat uses the tokenizer's template
+    infer_backend: str = "huggingface"
+    use_kt: bool = False
+    trust_remote_code: bool = False
+    experts_backend: str = "auto"
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    infer_dtype: str = "auto"  # auto: the checkpoint's own dtype
+    kt_num_threads: Optional[int] = None
+    moe_lora: Optional[str] = None  # None: the experts backend's default
+
+    def __post_init__(self):
+        _check_str("model_name_or_path", self.model_name_or_path, optional=False)
+        self._check_adapter()
+        _check_str("template", self.template)
+        _check_choice("infer_backend", self.infer_backend, INFER_BACKENDS)
+        _check_bool("use_kt", self.use_kt)
+        _check_bool("trust_remote_code", self.trust_remote_code)
+        _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
+        _check_str("device", self.device)
+        _check_choice("infer_dtype", self.infer_dtype, INFER_DTYPES)
+        _check_int("kt_num_threads", self.kt_num_threads, minimum=1, optional=True)
+        _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
+        self._check_kt()
+
+    def _check_adapter(self) -> None:
+        """LLaMA-Factory allows a comma-separated list of adapters; ktchat folds in exactly one for now."""
+        _check_str("adapter_name_or_path", self.adapter_name_or_path)
+        paths = [p.strip() for p in (self.adapter_name_or_path or "").split(",") if p.strip()]
+        if len(paths) > 1:
+            raise KTChatError(f"adapter_name_or_path lists {len(paths)} adapters ({', '.join(paths)}): "
+                              "ktchat loads exactly one; merge the others first")
+        object.__setattr__(self, "adapter_name_or_path", paths[0] if paths else None)
+
+    def _check_kt(self) -> None:
+        """use_kt means our CPU experts inside transformers, so it cannot combine with another engine."""
+        if self.use_kt and self.infer_backend != "huggingface":
+            raise KTChatError(f"use_kt: true needs infer_backend: huggingface (got {self.infer_backend!r}): "
+                              "ktchat runs the routed experts on the CPU through transformers")
+        if self.infer_backend != "huggingface":
+            logger.warning("ignored: infer_backend: %s (ktchat always generates through transformers)",
+                           self.infer_backend)
+        if not self.use_kt and self.experts_backend == "kt":
+            raise KTChatError("experts_backend: kt needs use_kt: true (the kt_kernel CPU experts are KT mode)")
+
+    @property
+    def resolved_experts_backend(self) -> str:
+        """Without use_kt the experts stay plain torch, as LLaMA-Factory's non-KT inference would run them."""
+        return self.experts_backend if self.use_kt else "torch"
+
+    @property
+    def dtype(self) -> Optional[str]:
+        """The dtype name load_model takes; None keeps the checkpoint's own dtype."""
+        return None if self.infer_dtype == "auto" else self.infer_dtype
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """Decoding settings; defaults mirror LLaMA-Factory's GeneratingArguments so replies match theirs."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    do_sample: bool = True
+    repetition_penalty: float = 1.0
+    default_system: Optional[str] = None
+
+    def __post_init__(self):
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_number("temperature", self.temperature, low=0.0)
+        _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, minimum=0)
+        _check_bool("do_sample", self.do_sample)
+        _check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _check_str("default_system", self.default_system)
+
+    @property
+    def greedy(self) -> bool:
+        """LLaMA-Factory treats temperature 0 as greedy too; transformers would reject it when sampling."""
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    model: ModelArgs
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+
+
+_MODEL_KEYS = {f.name for f in fields(ModelArgs)}
+_GENERATION_KEYS = {f.name for f in fields(GenerationArgs)}
+
+
+def _resolve_aliases(raw: dict) -> dict:
+    """Rename LLaMA-Factory's older keys; both spellings with different values is a mistake."""
+    out = dict(raw)
+    for old, new in ALIASES.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise KTChatError(f"{old}: {value!r} and {new}: {out[new]!r} disagree ({old} is the older name of {new})")
+        out[new] = value
+        logger.info("%s is read as %s: %r", old, new, value)
+    return out
+
+
+def _check_unknown(keys) -> None:
+    known = _MODEL_KEYS | _GENERATION_KEYS | set(ALIASES) | set(IGNORED_KEYS)
+    unknown = sorted(set(keys) - known)
+    if not unknown:
+        return
+    hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k for k in unknown]
+    raise KTChatError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
+
+
+def _log_ignored(keys) -> None:
+    """One line per reason, so a training YAML reused for chat explains itself without flooding the log."""
+    by_reason: dict[str, list[str]] = {}
+    for key in sorted(k for k in keys if k in IGNORED_KEYS):
+        by_reason.setdefault(IGNORED_KEYS[key], []).append(key)
+    for reason, names in by_reason.items():
+        logger.info("ignored: %s (%s)", ", ".join(names), reason)
+
+
+def _as_float(raw: dict) -> dict:
+    """YAML reads `temperature: 1` as an int; store floats so equal configs compare equal."""
+    return {k: float(v) if k in ("temperature", "top_p", "repetition_penalty") and type(v) is int else v
+            for k, v in raw.items()}
+
+
+def config_from_mapping(raw: Mapping[str, Any]) -> ChatConfig:
+    """Build a ChatConfig from LLaMA-Factory style flat keys; errors name the key and value (no file)."""
+    if not isinstance(raw, Mapping):
+        raise KTChatError(f"settings must be a mapping of key: value (got {type(raw).__name__})")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise KTChatError(f"keys must be strings (got {bad[0]!r})")
+    _check_unknown(raw)
+    flat = _as_float(_resolve_aliases(raw))
+    if flat.get("model_name_or_path") is None:
+        raise KTChatError("model_name_or_path is missing: set it to a local model directory or hub id")
+    _log_ignored(flat)
+    model = ModelArgs(**{k: v for k, v in flat.items() if k in _MODEL_KEYS})
+    generation = GenerationArgs(**{k: v for k, v in flat.items() if k in _GENERATION_KEYS})
+    return ChatConfig(model=model, generation=generation)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KTChatError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KTChatError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KTChatError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def load_config(path, overrides: Optional[Mapping[str, Any]] = None) -> ChatConfig:
+    """Read an inference YAML; `overrides` (e.g. from `--set`) win over the file. Errors name the file."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise KTChatError(f"{path}: expected a mapping of key: value at the top level "
+                          f"(got {type(raw).__name__})")
+    try:
+        return config_from_mapping({**raw, **(overrides or {})})
+    except KTChatError as exc:
+        raise KTChatError(f"{path}: {exc}") from None
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    """`key=value` strings from the command line; values are read as YAML scalars (40, false, 0.7, text)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KTChatError(f"--set expects key=value (got {item!r})")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,90 @@
+"""The interface every CPU experts backend implements: create buffers, load weights, post-load, apply."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..adapter import PROJS, StackedLoRA
+from ..errors import KTChatError
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """One MoE layer's routed experts: E experts of SwiGLU MLPs (gate, up: [I, H]; down: [H, I])."""
+
+    layer_idx: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype
+    hidden_act: str = "silu"
+
+    def weight_shape(self, proj: str) -> tuple[int, int]:
+        h, i = self.hidden_size, self.intermediate_size
+        return (h, i) if proj == "down" else (i, h)
+
+
+class ExpertsBackend(ABC):
+    """Holds one layer's routed-expert weights on the CPU and computes sum_k w_k * expert_k(x)."""
+
+    name: str = "?"
+
+    def __init__(self, spec: ExpertsSpec):
+        if spec.hidden_act != "silu":
+            raise KTChatError(f"layer {spec.layer_idx}: expert activation {spec.hidden_act!r} is not supported")
+        self.spec = spec
+        self._loaded: set[tuple[str, int]] = set()
+        self.lora: dict[str, StackedLoRA] = {}
+
+    def load_weight(self, proj: str, expert: int, tensor: torch.Tensor, source: str) -> None:
+        """Takes one expert projection straight from the checkpoint; `source` names it in errors."""
+        want = self.spec.weight_shape(proj)
+        if tuple(tensor.shape) != want:
+            raise KTChatError(f"{source}: shape {list(tensor.shape)} does not fit the model config (expected {list(want)})")
+        if (proj, expert) in self._loaded:
+            raise KTChatError(f"{source}: expert weight given twice")
+        self._store(proj, expert, tensor)
+        self._loaded.add((proj, expert))
+
+    def finalize(self) -> None:
+        """Checks that every expert weight arrived, then lets the backend pack or convert them."""
+        missing = [(p, e) for p in PROJS for e in range(self.spec.num_experts) if (p, e) not in self._loaded]
+        if missing:
+            p, e = missing[0]
+            raise KTChatError(
+                f"layer {self.spec.layer_idx}: {len(missing)} routed-expert weights missing from the checkpoint "
+                f"(first: expert {e} {p}_proj)"
+            )
+        self._finalize()
+
+    def set_lora(self, lora: dict[str, StackedLoRA]) -> None:
+        """Installs the layer's expert LoRA (possibly only some projections); {} removes it."""
+        e, h, i = self.spec.num_experts, self.spec.hidden_size, self.spec.intermediate_size
+        dims = {"gate": (h, i), "up": (h, i), "down": (i, h)}
+        for proj, s in lora.items():
+            fan_in, fan_out = dims[proj]
+            r = s.a.shape[1]
+            if tuple(s.a.shape) != (e, r, fan_in) or tuple(s.b.shape) != (e, fan_out, r):
+                raise KTChatError(
+                    f"layer {self.spec.layer_idx} {proj}_proj expert LoRA: A {list(s.a.shape)}, B {list(s.b.shape)} "
+                    f"do not fit experts of shape [{fan_out}, {fan_in}] (expected A [{e}, r, {fan_in}], B [{e}, {fan_out}, r])"
+                )
+        self._set_lora(lora)
+        self.lora = dict(lora)
+
+    @abstractmethod
+    def _store(self, proj: str, expert: int, tensor: torch.Tensor) -> None: ...
+
+    def _finalize(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abstractmethod
+    def _set_lora(self, lora: dict[str, StackedLoRA]) -> None: ...
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H] on the CPU in spec.dtype; topk_ids [T, k] int64; topk_weights [T, k] fp32 -> [T, H]."""

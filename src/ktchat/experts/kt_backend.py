@@ -1,0 +1,304 @@
+"""Routed experts on kt_kernel's CPU MoE kernels (AMX, or AVX-512 where the wheel has them).
+
+Two ways to run the expert LoRA:
+- "exact": kt_kernel's SFT kernel computes x W^T + s (x A^T) B^T unmerged, as in training;
+- "merged": s * B @ A is folded into the bf16 weights, then the inference kernel (bf16, int8 or int4) runs.
+
+We drive the raw `kt_kernel_ext` classes, not kt_kernel's Python wrappers: the inference wrappers assume CUDA
+pinned memory and a CUDA stream. The raw calls check nothing, so every size, dtype and length is checked here.
+kt_kernel is imported lazily: `import ktchat` must work without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from ..adapter import PROJS, StackedLoRA
+from ..errors import KTChatError
+from .base import ExpertsBackend, ExpertsSpec
+
+logger = logging.getLogger(__name__)
+
+MODES = ("exact", "merged")
+METHODS = ("bf16", "int8", "int4")
+# kt_kernel_ext.moe class names per method: inference kernels (first one present wins), SFT kernel with LoRA.
+_INFERENCE = {"bf16": ("AMXBF16_MOE", "AVX2BF16_MOE"), "int8": ("AMXInt8_MOE",), "int4": ("AMXInt4_MOE",)}
+_SFT = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_SFT_MOE"}
+# Weight tiles: sizes that are not multiples crash the bf16 kernel (SIGSEGV) and fail the others at load.
+_ALIGN = {"bf16": 32, "int8": 64, "int4": 128}
+_M_STEP = 32  # the SFT kernel's row tile; its max_len is rounded up to it
+
+_pool = None  # (CPUInfer, thread count or None when kt_kernel's own wrappers made it)
+_pool_lock = threading.Lock()  # guards creation, and submit+sync pairs from concurrent callers
+
+
+def kt_ext():
+    """Imports kt_kernel (which picks the CPU variant) and returns its native module."""
+    try:
+        import kt_kernel  # noqa: F401 - registers kt_kernel_ext for this CPU
+        import kt_kernel_ext
+    except Exception as exc:  # ImportError, or a native module this CPU or Python cannot load
+        raise KTChatError(f"experts backend 'kt' needs the kt-kernel package, which failed to import: {exc}") from exc
+    return kt_kernel_ext
+
+
+def cpu_variant() -> str:
+    import kt_kernel
+
+    return str(kt_kernel.__cpu_variant__)
+
+
+def kernel_class_name(moe_lora: str, method: str) -> str | None:
+    """The kt_kernel_ext class a mode runs with a LoRA installed, or None if this build/CPU lacks it."""
+    moe = kt_ext().moe
+    names = (_SFT[method],) if moe_lora == "exact" else _INFERENCE[method]
+    return next((n for n in names if hasattr(moe, n)), None)
+
+
+def unavailable_reason(moe_lora: str = "exact", method: str = "bf16") -> str | None:
+    """Why KTExperts cannot run this mode here (one line), or None when it can."""
+    try:
+        name = kernel_class_name(moe_lora, method)
+    except KTChatError as exc:
+        return str(exc)
+    if name is None:
+        want = _SFT[method] if moe_lora == "exact" else " or ".join(_INFERENCE[method])
+        return (
+            f"kt_kernel's '{cpu_variant()}' build for this CPU has no {want} kernel "
+            f"(moe_lora={moe_lora!r}, method={method!r}; the SFT kernels need AMX or AVX512-BF16)"
+        )
+    return None
+
+
+def default_threads() -> int:
+    """Half the usable cores: kt workers spin, and the calling thread needs a core of its own."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def cpu_infer(num_threads: int | None = None):
+    """The process-wide kt_kernel worker pool; the first caller's thread count wins."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            ext = kt_ext()
+            from kt_kernel.experts_base import _MoEBase  # kt_kernel's own wrappers keep one pool per process too
+
+            shared = getattr(_MoEBase, "_cpu_infer_instance", None)
+            if shared is not None:
+                _pool = (shared, None)
+            else:
+                n = num_threads or default_threads()
+                _pool = (ext.CPUInfer(n), n)
+                _MoEBase._cpu_infer_instance = _pool[0]
+                logger.info("kt_kernel worker pool: %d threads (variant %s)", n, cpu_variant())
+        elif num_threads and num_threads != _pool[1]:
+            have = "set by kt_kernel's wrappers" if _pool[1] is None else f"{_pool[1]} threads"
+            logger.warning("kt_kernel worker pool already exists (%s); ignoring num_threads=%d", have, num_threads)
+        return _pool[0]
+
+
+def _run(pool, task) -> None:
+    with _pool_lock:
+        pool.submit(task)
+        pool.sync()
+
+
+class KTExperts(ExpertsBackend):
+    """kt_kernel experts. Keeps the bf16 base weights (2 bytes/param, beside the kernel's own packed copy) so that
+    set_lora can be called again: to re-merge, switch kernels, or change rank."""
+
+    name = "kt"
+
+    def __init__(
+        self,
+        spec: ExpertsSpec,
+        *,
+        moe_lora: str = "exact",
+        method: str = "bf16",
+        num_threads: int | None = None,
+        chunk_size: int = 1024,
+    ):
+        super().__init__(spec)
+        if moe_lora not in MODES:
+            raise KTChatError(f"kt experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
+        if method not in METHODS:
+            raise KTChatError(f"kt experts: method must be one of {METHODS}, got {method!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise KTChatError(f"kt experts: chunk_size must be a positive integer, got {chunk_size!r}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise KTChatError(f"kt experts: num_threads must be a positive integer, got {num_threads!r}")
+        _check_sizes(spec, method)
+        reason = unavailable_reason(moe_lora, method)
+        if reason:
+            raise KTChatError(f"layer {spec.layer_idx}: {reason}")
+        self.moe_lora, self.method, self.chunk_size = moe_lora, method, chunk_size
+        self._moe = kt_ext().moe
+        self._pool = cpu_infer(num_threads)
+        e = spec.num_experts
+        self.base = {p: torch.empty((e, *spec.weight_shape(p)), dtype=torch.bfloat16) for p in PROJS}
+        # Everything the kernel keeps a raw pointer to lives on self as long as the kernel does.
+        self._gpu_mask = torch.zeros(e, dtype=torch.bool)  # no expert of this layer lives on a GPU
+        self._p2l = torch.arange(e, dtype=torch.int64)  # physical -> logical expert id: identity
+        self._bsz = torch.zeros(1, dtype=torch.int32)
+        self._kernel = None
+        self._kernel_lora: dict[str, torch.Tensor] = {}  # the six bf16 LoRA buffers of an SFT kernel
+        self._kernel_rank, self._kernel_alpha = 0, 0.0  # of the SFT kernel in use; rank 0: inference kernel
+        self._pending: dict[str, StackedLoRA] = {}
+        self._ready = False
+
+    def _store(self, proj, expert, tensor):
+        self.base[proj][expert].copy_(tensor)
+
+    def _finalize(self) -> None:
+        self._ready = True
+        self._build()
+
+    def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
+        self._pending = {p: s for p, s in lora.items() if s.a.shape[1] > 0}
+        if self._ready:
+            self._build()
+
+    def _build(self) -> None:
+        """(Re)creates the kernel for the current LoRA: inference kernel without one or when merged, else SFT."""
+        lora = self._pending
+        if not lora:
+            self._load_inference(self.base)
+        elif self.moe_lora == "merged":
+            self._load_inference(_merge(self.base, lora))
+        else:
+            self._load_sft(lora)
+
+    def _load_inference(self, weights: dict[str, torch.Tensor]) -> None:
+        spec = self.spec
+        cls = getattr(self._moe, kernel_class_name("merged", self.method))
+        cfg = self._moe.MOEConfig(
+            spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size, self._gpu_mask.data_ptr()
+        )
+        cfg.layer_idx = spec.layer_idx
+        cfg.pool = self._pool.backend_
+        cfg.max_len = self.chunk_size
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
+        self._kernel = None  # free the old kernel's packed weights before packing new ones
+        kernel = cls(cfg)
+        _run(self._pool, kernel.load_weights_task(self._p2l.data_ptr()))  # packs (and quantizes) a copy
+        self._kernel, self._kernel_lora, self._kernel_rank = kernel, {}, 0
+
+    def _load_sft(self, lora: dict[str, StackedLoRA]) -> None:
+        rank, alpha, bufs = self._kernel_lora_buffers(lora)
+        if self._kernel_rank == rank and abs(self._kernel_alpha - alpha) <= 1e-12 * max(1.0, abs(alpha)):
+            for name, t in bufs.items():  # same shapes: update in place, as after an optimizer step
+                self._kernel_lora[name].copy_(t)
+            self._kernel.update_lora_weights(*(self._kernel_lora[n].data_ptr() for n in _LORA_NAMES))
+            return
+        spec = self.spec
+        cfg = self._moe.MOESFTConfig(spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size)
+        cfg.expert_num, cfg.num_experts_per_tok = spec.num_experts, spec.top_k
+        cfg.hidden_size, cfg.intermediate_size = spec.hidden_size, spec.intermediate_size
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = rank, alpha, 0.0
+        cfg.max_cache_depth = 1
+        cfg.max_len = -(-self.chunk_size // _M_STEP) * _M_STEP
+        cfg.layer_idx = spec.layer_idx
+        cfg.physical_to_logical_map = self._p2l.data_ptr()
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (self.base[p].data_ptr() for p in PROJS)
+        for name, t in bufs.items():
+            setattr(cfg, name, t.data_ptr())
+        cfg.pool = self._pool.backend_
+        self._kernel = None
+        kernel = getattr(self._moe, _SFT[self.method])(cfg)
+        _run(self._pool, kernel.load_weights_task())
+        kernel.update_lora_weights(*(bufs[n].data_ptr() for n in _LORA_NAMES))  # refreshes its cached copies
+        self._kernel, self._kernel_lora, self._kernel_rank, self._kernel_alpha = kernel, bufs, rank, alpha
+
+    def _kernel_lora_buffers(self, lora: dict[str, StackedLoRA]) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """One rank and one alpha for all projections, as the kernel wants: smaller ranks and absent projections are
+        zero-padded (exact); a projection whose scale differs from the largest gets it folded into its B."""
+        spec = self.spec
+        rank = max(s.a.shape[1] for s in lora.values())
+        ref = max((s.scale for s in lora.values()), key=abs)
+        e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        bufs = {}
+        for proj in PROJS:
+            fan_in, fan_out = (i, h) if proj == "down" else (h, i)
+            a = torch.zeros((e, rank, fan_in), dtype=torch.bfloat16)
+            b = torch.zeros((e, fan_out, rank), dtype=torch.bfloat16)
+            if proj in lora:
+                s = lora[proj]
+                r = s.a.shape[1]
+                a[:, :r].copy_(s.a)
+                ratio = s.scale / ref if ref else 1.0
+                b[:, :, :r].copy_(s.b if ratio == 1.0 else s.b.float() * ratio)
+            bufs[f"{proj}_lora_a"], bufs[f"{proj}_lora_b"] = a, b
+        if len({s.scale for s in lora.values()}) > 1:
+            logger.debug("layer %d: expert LoRA scales differ per projection; folded into B", spec.layer_idx)
+        return rank, ref * rank, bufs
+
+    @torch.no_grad()
+    def forward(self, x, topk_ids, topk_weights):
+        if self._kernel is None:
+            raise KTChatError(f"layer {self.spec.layer_idx}: kt experts used before all weights were loaded")
+        spec = self.spec
+        t = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != spec.hidden_size or tuple(topk_ids.shape) != (t, spec.top_k) or (
+            tuple(topk_weights.shape) != (t, spec.top_k)
+        ):
+            raise KTChatError(
+                f"layer {spec.layer_idx}: kt experts got x {list(x.shape)}, topk_ids {list(topk_ids.shape)}, "
+                f"topk_weights {list(topk_weights.shape)}; expected [T, {spec.hidden_size}] and [T, {spec.top_k}]"
+            )
+        if t == 0:
+            return torch.zeros_like(x)
+        xb = x.to(device="cpu", dtype=torch.bfloat16).contiguous()
+        ids = topk_ids.to(device="cpu", dtype=torch.int64).contiguous()
+        w = topk_weights.to(device="cpu", dtype=torch.float32).contiguous()
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= spec.num_experts:
+            bad = lo if lo < 0 else hi
+            raise KTChatError(f"layer {spec.layer_idx}: expert id {bad} out of range 0..{spec.num_experts - 1}")
+        out = torch.empty_like(xb)
+        sft = self._kernel_rank > 0
+        for s in range(0, t, self.chunk_size):  # the kernel's buffers hold chunk_size tokens; more overruns the heap
+            n = min(self.chunk_size, t - s)
+            self._bsz[0] = n
+            ptrs = (ids[s].data_ptr(), w[s].data_ptr(), xb[s].data_ptr(), out[s].data_ptr())
+            # The last False: keep no backward cache (SFT) / not incremental (inference).
+            call = self._kernel.forward_sft_task if sft else self._kernel.forward_task
+            _run(self._pool, call(self._bsz.data_ptr(), spec.top_k, *ptrs, False))
+        return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+
+_LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJS for ab in "ab")
+
+
+def _check_sizes(spec: ExpertsSpec, method: str) -> None:
+    """The kernels tile weights in blocks; other sizes crash them, so refuse before any native call."""
+    align = _ALIGN[method]
+    h, i = spec.hidden_size, spec.intermediate_size
+    if h % align or i % align or h <= 0 or i <= 0:
+        raise KTChatError(
+            f"layer {spec.layer_idx}: kt_kernel's {method} experts need hidden_size and moe_intermediate_size "
+            f"to be positive multiples of {align}; this model has {h} and {i} (use experts_backend: torch"
+            + (", or method bf16" if method != "bf16" and h % 32 == 0 and i % 32 == 0 else "")
+            + ")"
+        )
+    if not 0 < spec.top_k <= spec.num_experts:
+        raise KTChatError(f"layer {spec.layer_idx}: top_k {spec.top_k} must be in 1..{spec.num_experts}")
+
+
+def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[str, torch.Tensor]:
+    """W + scale * B @ A per expert, accumulated in fp32 and rounded once to bf16 (one expert at a time: low peak)."""
+    merged = {}
+    for proj, w in base.items():
+        if proj not in lora:
+            merged[proj] = w
+            continue
+        s = lora[proj]
+        out = torch.empty_like(w)
+        for e in range(w.shape[0]):
+            delta = s.b[e].float() @ s.a[e].float()
+            out[e] = torch.add(w[e].float(), delta, alpha=s.scale)
+        merged[proj] = out
+    return merged

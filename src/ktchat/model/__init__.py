@@ -1,0 +1,79 @@
+"""Architectures, KT-mode loading and the two-channel adapter wiring."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..errors import KTChatError
+from .channels import load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
+from .registry import ARCHS, MoEArch, arch_for
+
+__all__ = ["ARCHS", "MoEArch", "load_model", "load_moe_lora_from_adapter", "offloaded_blocks"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(
+    model_name_or_path,
+    adapter_name_or_path=None,
+    experts_backend: str = "auto",
+    device=None,
+    dtype=None,
+    *,
+    trust_remote_code: bool = False,
+):
+    """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
+
+    Returns (model, tokenizer); the model is called like any transformers causal LM.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ..adapter import read_adapter
+    from ..experts import resolve_backend
+    from .loader import build_skeleton, load_checkpoint, resolve_device, resolve_dtype
+
+    start = time.perf_counter()
+    model_dir = _local_dir(model_name_or_path, "model_name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KTChatError(f"{model_dir}: cannot read config.json ({exc})") from None
+    arch = arch_for(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KTChatError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+    device, dtype = resolve_device(device), resolve_dtype(dtype, config)
+    backend_cls = resolve_backend(experts_backend)
+    adapter = read_adapter(_local_dir(adapter_name_or_path, "adapter_name_or_path")) if adapter_name_or_path else None
+
+    skeleton = build_skeleton(config, arch, backend_cls, dtype)
+    plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
+    load_checkpoint(skeleton, model_dir, device, dtype)
+    model = skeleton.model.eval()
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    if adapter is not None:
+        peft_modules, routed = plan
+        if peft_modules:
+            model = load_peft_channel(model, adapter, peft_modules).eval()
+        load_moe_lora_from_adapter(model, adapter, arch=arch)
+        logger.info(
+            "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts (%s)",
+            adapter.path, len(peft_modules), device, len(routed), backend_cls.name,
+        )
+    logger.info(
+        "loaded %s in %.1fs: %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
+        model_dir.name, time.perf_counter() - start, len(skeleton.moe_blocks), backend_cls.name,
+        str(dtype).removeprefix("torch."), device,
+    )
+    return model, tokenizer
+
+
+def _local_dir(path, key: str) -> Path:
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        raise KTChatError(f"{key}: {path} is not a local folder (ktchat never downloads from a model hub)")
+    return p

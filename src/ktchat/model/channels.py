@@ -1,0 +1,159 @@
+"""Two-channel adapter loading: PEFT for everything on the compute device, the CPU experts for routed experts."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, LoraModule, read_adapter, split_channels, stack_layer
+from ..errors import KTChatError
+from .moe import OffloadedMoE
+from .registry import MoEArch
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+
+def offloaded_blocks(model: nn.Module) -> dict[int, OffloadedMoE]:
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, OffloadedMoE)}
+
+
+def plan_adapter(adapter: Adapter, model: nn.Module, arch: MoEArch):
+    """Classifies every LoRA module and checks it against the model before anything is loaded.
+
+    Returns (PEFT modules, routed-expert modules). Raises on any module that fits neither channel.
+    """
+    peft, routed = split_channels(adapter, arch.expert_path)
+    where = adapter.weights.path
+    for name, lora in peft.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KTChatError(f"{where}: LoRA for {name!r}, which is not a module of the base model") from None
+        if not isinstance(module, nn.Linear):
+            raise KTChatError(f"{where}: LoRA for {name!r}, a {type(module).__name__}; only Linear layers are supported")
+        _check_shape(where, lora, module.in_features, module.out_features)
+    _check_routed(adapter, routed, offloaded_blocks(model))
+    return peft, routed
+
+
+def _check_routed(adapter: Adapter, routed: dict, blocks: dict[int, OffloadedMoE]) -> None:
+    where = adapter.weights.path
+    for (layer, expert, proj), lora in routed.items():
+        block = blocks.get(layer)
+        if block is None:
+            raise KTChatError(f"{where}: routed-expert LoRA {lora.name!r} for layer {layer}, which has no routed experts")
+        spec = block.experts.backend.spec
+        if expert >= spec.num_experts:
+            raise KTChatError(f"{where}: LoRA {lora.name!r} for expert {expert}, but the model has {spec.num_experts}")
+        out_f, in_f = spec.weight_shape(proj)
+        _check_shape(where, lora, in_f, out_f)
+
+
+def _check_shape(where: Path, lora: LoraModule, in_f: int, out_f: int) -> None:
+    if (lora.in_features, lora.out_features) != (in_f, out_f):
+        raise KTChatError(
+            f"{where}: {lora.a_key} / {lora.b_key} map {lora.in_features} -> {lora.out_features} features, "
+            f"but the base model's {lora.name} maps {in_f} -> {out_f}: adapter and base model do not match"
+        )
+
+
+def derived_peft_config(adapter: Adapter, modules: dict[str, LoraModule]):
+    """The adapter's own LoRA settings, targeting exactly the named modules: no routed expert can match."""
+    from peft import LoraConfig
+
+    allowed = {f.name for f in dataclasses.fields(LoraConfig)}
+    dropped = ("target_modules", "target_parameters", "exclude_modules", "layers_to_transform", "layers_pattern",
+               "modules_to_save", "trainable_token_indices", "inference_mode")
+    kwargs = {k: v for k, v in adapter.config.raw.items() if k in allowed and k not in dropped}
+    target = "|".join(re.escape(name) for name in sorted(modules))
+    return LoraConfig(**kwargs, target_modules=f"(?:{target})", inference_mode=True)
+
+
+def load_peft_channel(model: nn.Module, adapter: Adapter, modules: dict[str, LoraModule]):
+    """`PeftModel.from_pretrained` with the derived config, then proof that every tensor arrived intact."""
+    from peft import PeftModel
+
+    config = derived_peft_config(adapter, modules)
+    with warnings.catch_warnings(record=True) as caught, _without_v5_moe_conversion(model):
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name=ADAPTER_NAME, config=config)
+    for w in caught:
+        if "missing adapter keys" in str(w.message):
+            raise KTChatError(f"{adapter.weights.path}: PEFT did not load every adapter tensor: {w.message}")
+    _verify_peft_loaded(peft_model, adapter, modules)
+    return peft_model
+
+
+@contextlib.contextmanager
+def _without_v5_moe_conversion(model: nn.Module):
+    """Hides the model type from PEFT while it loads.
+
+    Under transformers 5, PEFT rewrites the targets and tensors of adapters for model types whose experts
+    transformers fuses (gate/up/down_proj -> target_parameters), which also catches the dense MLP and shared
+    experts and drops their LoRA. Our MoE blocks hold no fused experts, so that conversion must not run.
+    """
+    config = model.config
+    had_own = "model_type" in vars(config)
+    saved = vars(config).get("model_type")
+    config.model_type = f"ktchat-{config.model_type}"
+    try:
+        yield
+    finally:
+        if had_own:
+            config.model_type = saved
+        else:
+            del config.model_type
+
+
+def _verify_peft_loaded(peft_model, adapter: Adapter, modules: dict[str, LoraModule]) -> None:
+    tensors = adapter.weights.load(k for m in modules.values() for k in (m.a_key, m.b_key))
+    base = peft_model.base_model.model
+    for name, lora in modules.items():
+        layer = base.get_submodule(name)
+        for side, key in (("lora_A", lora.a_key), ("lora_B", lora.b_key)):
+            container = getattr(layer, side, None)
+            got = container[ADAPTER_NAME] if container is not None and ADAPTER_NAME in container else None
+            want = tensors[key]
+            if got is None or not torch.equal(got.weight.detach().cpu(), want.to(got.weight.dtype)):
+                raise KTChatError(f"{adapter.weights.path}: PEFT did not load {key} as stored")
+        scale = layer.scaling[ADAPTER_NAME]
+        if abs(scale - adapter.config.scale_for(name)) > 1e-6 * abs(scale):
+            raise KTChatError(f"{adapter.config.path}: PEFT applied scale {scale} to {name}, expected {adapter.config.scale_for(name)}")
+
+
+def load_moe_lora_from_adapter(model: nn.Module, adapter_path, *, arch: MoEArch | None = None) -> int:
+    """Loads the routed-expert LoRA of a PEFT adapter into the model's CPU experts (stacked KT layout).
+
+    Returns the number of LoRA modules loaded. Validates everything before touching any layer.
+    """
+    adapter = adapter_path if isinstance(adapter_path, Adapter) else read_adapter(adapter_path)
+    if arch is None:
+        from .registry import arch_for
+
+        arch = arch_for(_config_of(model))
+    _, routed = split_channels(adapter, arch.expert_path)
+    blocks = offloaded_blocks(model)
+    _check_routed(adapter, routed, blocks)
+    stacked = {
+        layer: stack_layer(adapter, layer, routed, block.experts.backend.spec.num_experts, block.experts.backend.spec.dtype)
+        for layer, block in blocks.items()
+    }
+    for layer, block in blocks.items():
+        block.experts.backend.set_lora(stacked[layer])
+    return len(routed)
+
+
+def _config_of(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise KTChatError("load_moe_lora_from_adapter: the model has no config; pass one loaded by ktchat.load_model")
+    return config

@@ -1,0 +1,176 @@
+"""Writes the tiny base model folder: tokenizer, config.json, generation_config.json, sharded weights.
+
+Every file is written by hand from the recipe (not by a transformers save_pretrained), so the folder
+is byte-identical whichever transformers major builds it, and uses the on-disk key names of real
+DeepSeek-V2 checkpoints (per-expert keys), which both majors load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import recipe
+
+logger = logging.getLogger(__name__)
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def _dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def train_tokenizer():
+    """A byte-level BPE trained on the built-in corpus (deterministic, same in tokenizers 0.22/0.23)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.TOKENIZER_VOCAB,
+        special_tokens=list(recipe.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(recipe.corpus(), trainer=trainer)
+    return tok
+
+
+def write_tokenizer(model_dir: Path) -> dict[str, int]:
+    """Saves tokenizer.json + tokenizer_config.json + special_tokens_map.json; returns special ids."""
+    tok = train_tokenizer()
+    tok.save(str(model_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in recipe.SPECIAL_TOKENS}
+    added = {
+        str(ids[t]): {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True,
+        }
+        for t in recipe.SPECIAL_TOKENS
+    }
+    _dump(model_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": recipe.BOS,
+        "eos_token": recipe.EOS,
+        "pad_token": recipe.PAD,
+        "additional_special_tokens": list(recipe.SPECIAL_TOKENS[3:]),
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 2048,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+        "chat_template": recipe.CHAT_TEMPLATE,
+    })
+    _dump(model_dir / "special_tokens_map.json", {
+        "bos_token": recipe.BOS, "eos_token": recipe.EOS, "pad_token": recipe.PAD,
+        "additional_special_tokens": list(recipe.SPECIAL_TOKENS[3:]),
+    })
+    logger.info("tokenizer: %d tokens", tok.get_vocab_size())
+    return {"size": tok.get_vocab_size(), "pad": ids[recipe.PAD], "bos": ids[recipe.BOS], "eos": ids[recipe.EOS]}
+
+
+def write_config(model_dir: Path, tok_info: dict[str, int]) -> dict:
+    """config.json (vocab rounded up to a multiple of 64) and a greedy generation_config.json."""
+    vocab = -(-tok_info["size"] // 64) * 64
+    cfg = recipe.model_config(vocab, tok_info["pad"], tok_info["bos"], tok_info["eos"])
+    _dump(model_dir / "config.json", cfg)
+    _dump(model_dir / "generation_config.json", {
+        "bos_token_id": tok_info["bos"], "eos_token_id": tok_info["eos"], "pad_token_id": tok_info["pad"],
+        "do_sample": False, "max_new_tokens": 64,
+    })
+    return cfg
+
+
+def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(on-disk key, shape, init kind) in checkpoint order, as real DeepSeek-V2 files name them."""
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    nope, rope, vd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    moe_i, n_exp = cfg["moe_intermediate_size"], cfg["n_routed_experts"]
+
+    def mlp(prefix: str, inter: int):
+        return [(f"{prefix}.gate_proj.weight", (inter, h), "linear"),
+                (f"{prefix}.up_proj.weight", (inter, h), "linear"),
+                (f"{prefix}.down_proj.weight", (h, inter), "linear")]
+
+    specs = [("model.embed_tokens.weight", (cfg["vocab_size"], h), "embed")]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        specs += [
+            (f"{p}.input_layernorm.weight", (h,), "norm"),
+            (f"{p}.self_attn.q_proj.weight", (nh * (nope + rope), h), "linear"),
+            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h), "linear"),
+            (f"{p}.self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
+            (f"{p}.self_attn.kv_b_proj.weight", (nh * (nope + vd), kvr), "linear"),
+            (f"{p}.self_attn.o_proj.weight", (h, nh * vd), "linear"),
+            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+        ]
+        if layer < cfg["first_k_dense_replace"]:
+            specs += mlp(f"{p}.mlp", cfg["intermediate_size"])
+        else:
+            specs.append((f"{p}.mlp.gate.weight", (n_exp, h), "linear"))
+            specs += mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"])
+            for e in range(n_exp):
+                specs += mlp(f"{p}.mlp.experts.{e}", moe_i)
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (cfg["vocab_size"], h), "lm_head")]
+    return specs
+
+
+def random_weights(cfg: dict, seed: int = recipe.SEED) -> dict:
+    """Seeded random bf16 tensors: one private generator, fixed order, so every build is identical."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape, kind in weight_specs(cfg):
+        t = torch.randn(shape, generator=gen, dtype=torch.float32) * recipe.INIT_STD[kind]
+        if kind == "norm":
+            t += 1.0
+        out[name] = t.to(torch.bfloat16).contiguous()
+    return out
+
+
+def write_weights(model_dir: Path, cfg: dict) -> None:
+    """Two safetensors shards split by layer plus model.safetensors.index.json, like real checkpoints."""
+    from safetensors.torch import save_file
+
+    weights = random_weights(cfg)
+    last = cfg["num_hidden_layers"] - 1
+    second = [k for k in weights if k.startswith(f"model.layers.{last}.") or not k.startswith("model.layers.")]
+    second = [k for k in second if k != "model.embed_tokens.weight"]
+    shards = {SHARDS[0]: [k for k in weights if k not in second], SHARDS[1]: second}
+    weight_map, total = {}, 0
+    for fname, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(model_dir / fname), metadata={"format": "pt"})
+        for k in keys:
+            weight_map[k] = fname
+            total += weights[k].numel() * weights[k].element_size()
+    _dump(model_dir / "model.safetensors.index.json",
+          {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    n = sum(w.numel() for w in weights.values())
+    logger.info("weights: %d tensors, %.2fM parameters, 2 shards", len(weights), n / 1e6)
+
+
+def load_expert_weights(model_dir: Path) -> dict:
+    """Reads every per-expert tensor back from the shards (bf16 as stored)."""
+    from safetensors import safe_open
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    out = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        with safe_open(str(model_dir / fname), framework="pt") as f:
+            for k in f.keys():
+                if ".mlp.experts." in k:
+                    out[k] = f.get_tensor(k)
+    return out
+
+
+def write_model_dir(model_dir: Path) -> dict:
+    """Tokenizer, configs and weights into model_dir; returns the config dict."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tok_info = write_tokenizer(model_dir)
+    cfg = write_config(model_dir, tok_info)
+    write_weights(model_dir, cfg)
+    return cfg

@@ -1,0 +1,138 @@
+"""The `ktchat` console script, run as users run it: in a subprocess, on the real tiny model and adapter."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ktchat.cli import WELCOME, main
+from ktchat.config import GenerationArgs
+
+KTCHAT = Path(sys.executable).parent / "ktchat"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def run(*args, stdin="", env=None, timeout=600):
+    return subprocess.run([str(KTCHAT), *args], input=stdin, capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ktchat: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    start = time.perf_counter()
+    result = run("--help", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0 and "chat" in result.stdout and "demo" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "ktchat.cli" in imported
+    assert not {"torch", "transformers", "ktchat.model", "ktchat.chat"} & imported
+    assert elapsed < 5, elapsed
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("ktchat ")
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert_one_line_error(run("chat", str(missing)), "config file not found", str(missing))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model_name_or_path: [unclosed\n", "invalid YAML at line"),
+    ("- a list\n", "expected a mapping"),
+    ("model_name_or_path: m\nmax_new_tokens: abc\n", "max_new_tokens must be an integer >= 1 (got 'abc')"),
+    ("model_name_or_path: m\nfoo: 1\n", "unknown key: foo"),
+    ("model_name_or_path: m\nuse_kt: true\ninfer_backend: vllm\n", "use_kt: true needs infer_backend: huggingface"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, text, fragment):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert_one_line_error(run("chat", str(path)), str(path), fragment)
+
+
+def test_main_returns_2_for_missing_model_dir(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"model_name_or_path: {tmp_path / 'no-model'}\n", encoding="utf-8")
+    assert main(["chat", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ktchat: error: model_name_or_path: ")
+
+
+def write_chat_config(tmp_path, tiny) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny.model), "adapter_name_or_path": str(tiny.adapter), "template": "default",
+        "infer_backend": "huggingface", "use_kt": True, "experts_backend": "torch", "do_sample": False,
+        "max_new_tokens": 40, "lora_rank": 8, "stage": "sft",
+    }), encoding="utf-8")
+    return path
+
+
+def test_chat_answers_trained_questions(tmp_path, tiny):
+    from ktchat.tiny import TRAINED_QA
+
+    (q1, a1), (q2, a2), (q3, a3) = TRAINED_QA
+    result = run("chat", str(write_chat_config(tmp_path, tiny)), stdin=f"{q1}\n{q2}\nclear\n{q3}\nexit\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(WELCOME)
+    assert out.count("User: ") == 5 and out.count("Assistant: ") == 3
+    for answer in (a1, a2, a3):
+        assert answer in out, out
+    assert out.index(a2) < out.index("History has been removed.") < out.index(a3)
+    assert "ignored: lora_rank (taken from the adapter's own config)" in result.stderr
+    assert "template: default noted" in result.stderr
+
+
+def test_chat_exits_0_at_end_of_input(tmp_path, tiny):
+    result = run("chat", str(write_chat_config(tmp_path, tiny)), stdin="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(WELCOME) and "User: " in result.stdout
+
+
+def test_demo_reuses_cache_and_answers(tiny):
+    from ktchat.tiny import TRAINED_QA
+
+    question, answer = TRAINED_QA[0]
+    result = run("demo", "--cache", str(tiny.root), stdin=f"{question}\nexit\n")
+    assert result.returncode == 0, result.stderr
+    for q, _ in TRAINED_QA:
+        assert q in result.stdout
+    assert answer in result.stdout.split(WELCOME, 1)[1]
+    demo = yaml.safe_load((tiny.root / "demo.yaml").read_text())
+    assert demo["use_kt"] is True and demo["template"] == "default" and demo["max_new_tokens"] == 64
+
+
+def test_chat_session_keeps_history_and_reraises(tiny):
+    """ChatSession in-process: history grows by turn, clear empties it, generate's errors reach the caller."""
+    from ktchat.chat import ChatSession
+    from ktchat.model import load_model
+    from ktchat.tiny import TRAINED_QA
+
+    model, tokenizer = load_model(tiny.model, tiny.adapter, experts_backend="torch", device="cpu")
+    session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=40))
+    (q1, a1), (q2, a2), _ = TRAINED_QA
+    pieces = list(session.stream(q1))
+    assert len(pieces) > 1 and a1 in "".join(pieces)
+    assert a2 in session.reply(q2)
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    assert session.history[1]["content"] == "".join(pieces)
+    session.clear()
+    assert session.history == []
+    session._generate_kwargs["no_such_generate_arg"] = 1
+    with pytest.raises(ValueError, match="no_such_generate_arg"):
+        session.reply(q1)
+    assert session.history == []
