@@ -100,8 +100,9 @@ def main() -> None:
         rows.append((label, *times, f"built in {load_s:.1f} s"))
         del backend
         gc.collect()
+    kt_threads = args.threads or default_threads()
     print(f"one MoE layer E={E} H={H} I={I} top-{K}, LoRA r={R}; median of {args.repeats} runs after "
-          f"{args.warmup} warm-up; torch threads {torch.get_num_threads()}, kt threads {args.threads or default_threads()}")
+          f"{args.warmup} warm-up; torch threads {torch.get_num_threads()}, kt threads {kt_threads}")
     base = rows[0]
     print(f"| variant | 1 token ms | vs torch | {args.prefill} tokens ms | vs torch | note |")
     print("|---|---|---|---|---|---|")

@@ -31,6 +31,8 @@ _SFT = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_S
 # Weight tiles: sizes that are not multiples crash the bf16 kernel (SIGSEGV) and fail the others at load.
 _ALIGN = {"bf16": 32, "int8": 64, "int4": 128}
 _M_STEP = 32  # the SFT kernel's row tile; its max_len is rounded up to it
+# With no backward pass, the SFT kernel's transposed-weight and activation-cache buffers can be shared by all layers.
+_SFT_SHARED = {"share_backward_bb": True, "share_cache_pool": True}
 
 _pool = None  # (CPUInfer, thread count or None when kt_kernel's own wrappers made it)
 _pool_lock = threading.Lock()  # guards creation, and submit+sync pairs from concurrent callers
@@ -120,7 +122,7 @@ class KTExperts(ExpertsBackend):
         moe_lora: str = "exact",
         method: str = "bf16",
         num_threads: int | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 8192,
     ):
         super().__init__(spec)
         if moe_lora not in MODES:
@@ -143,7 +145,6 @@ class KTExperts(ExpertsBackend):
         # Everything the kernel keeps a raw pointer to lives on self as long as the kernel does.
         self._gpu_mask = torch.zeros(e, dtype=torch.bool)  # no expert of this layer lives on a GPU
         self._p2l = torch.arange(e, dtype=torch.int64)  # physical -> logical expert id: identity
-        self._bsz = torch.zeros(1, dtype=torch.int32)
         self._kernel = None
         self._kernel_lora: dict[str, torch.Tensor] = {}  # the six bf16 LoRA buffers of an SFT kernel
         self._kernel_rank, self._kernel_alpha = 0, 0.0  # of the SFT kernel in use; rank 0: inference kernel
@@ -182,9 +183,7 @@ class KTExperts(ExpertsBackend):
         cfg.pool = self._pool.backend_
         cfg.max_len = self.chunk_size
         cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
-        self._kernel = None  # free the old kernel's packed weights before packing new ones
-        kernel = cls(cfg)
-        _run(self._pool, kernel.load_weights_task(self._p2l.data_ptr()))  # packs (and quantizes) a copy
+        kernel = self._create(cls, cfg, self._p2l.data_ptr())  # packs (and quantizes) a copy of the weights
         self._kernel, self._kernel_lora, self._kernel_rank = kernel, {}, 0
 
     def _load_sft(self, lora: dict[str, StackedLoRA]) -> None:
@@ -200,6 +199,8 @@ class KTExperts(ExpertsBackend):
         cfg.hidden_size, cfg.intermediate_size = spec.hidden_size, spec.intermediate_size
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout = rank, alpha, 0.0
         cfg.max_cache_depth = 1
+        for flag, value in _SFT_SHARED.items():
+            setattr(cfg, flag, value)
         cfg.max_len = -(-self.chunk_size // _M_STEP) * _M_STEP
         cfg.layer_idx = spec.layer_idx
         cfg.physical_to_logical_map = self._p2l.data_ptr()
@@ -207,11 +208,19 @@ class KTExperts(ExpertsBackend):
         for name, t in bufs.items():
             setattr(cfg, name, t.data_ptr())
         cfg.pool = self._pool.backend_
-        self._kernel = None
-        kernel = getattr(self._moe, _SFT[self.method])(cfg)
-        _run(self._pool, kernel.load_weights_task())
+        kernel = self._create(getattr(self._moe, _SFT[self.method]), cfg)
         kernel.update_lora_weights(*(bufs[n].data_ptr() for n in _LORA_NAMES))  # refreshes its cached copies
         self._kernel, self._kernel_lora, self._kernel_rank, self._kernel_alpha = kernel, bufs, rank, alpha
+
+    def _create(self, cls, cfg, *load_args):
+        self._kernel = None  # frees the old kernel's packed weights before new ones are packed
+        try:
+            kernel = cls(cfg)
+            _run(self._pool, kernel.load_weights_task(*load_args))
+        except RuntimeError as exc:  # kt_kernel's own checks (sizes, ISA); crashes are prevented by _check_sizes
+            layer = self.spec.layer_idx
+            raise KTChatError(f"layer {layer}: kt_kernel {cls.__name__} refused this layer: {exc}") from exc
+        return kernel
 
     def _kernel_lora_buffers(self, lora: dict[str, StackedLoRA]) -> tuple[int, float, dict[str, torch.Tensor]]:
         """One rank and one alpha for all projections, as the kernel wants: smaller ranks and absent projections are
@@ -262,11 +271,11 @@ class KTExperts(ExpertsBackend):
         sft = self._kernel_rank > 0
         for s in range(0, t, self.chunk_size):  # the kernel's buffers hold chunk_size tokens; more overruns the heap
             n = min(self.chunk_size, t - s)
-            self._bsz[0] = n
-            ptrs = (ids[s].data_ptr(), w[s].data_ptr(), xb[s].data_ptr(), out[s].data_ptr())
+            bsz = torch.tensor([n], dtype=torch.int32)  # per call: concurrent callers must not share it
+            ptrs = (bsz.data_ptr(), spec.top_k, ids[s].data_ptr(), w[s].data_ptr(), xb[s].data_ptr(), out[s].data_ptr())
             # The last False: keep no backward cache (SFT) / not incremental (inference).
             call = self._kernel.forward_sft_task if sft else self._kernel.forward_task
-            _run(self._pool, call(self._bsz.data_ptr(), spec.top_k, *ptrs, False))
+            _run(self._pool, call(*ptrs, False))
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
 
 
@@ -302,3 +311,17 @@ def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[
             out[e] = torch.add(w[e].float(), delta, alpha=s.scale)
         merged[proj] = out
     return merged
+
+
+def auto_choice() -> tuple[bool, str]:
+    """For experts_backend "auto": kt where its exact-LoRA kernel runs on this CPU, else torch; and why."""
+    reason = unavailable_reason("exact", "bf16")
+    if reason:
+        return False, reason
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        amx = False
+    how = "the CPU has AMX (amx_bf16)" if amx else "no AMX; its AVX-512 BF16 kernels"
+    return True, f"kt_kernel variant '{cpu_variant()}' has the exact-LoRA kernels: {how}"
