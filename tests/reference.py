@@ -4,6 +4,7 @@ as fp32), run in plain transformers. Shares no code with ktchat on purpose."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -11,6 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+# Where KT mode puts the non-expert weights; the GPU run sets KTCHAT_TEST_DEVICE=cuda. The reference stays on CPU.
+DEVICE = os.environ.get("KTCHAT_TEST_DEVICE", "cpu")
+GREEDY_TOKENS = 24
 
 _LORA = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
@@ -69,3 +74,15 @@ def load_reference(merged_dir: Path, dtype=torch.float32):
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm()).item()
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(ids.to(model.device)).logits.float().cpu()
+
+
+@torch.no_grad()
+def greedy(model, ids, n=GREEDY_TOKENS):
+    ids = ids.to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()

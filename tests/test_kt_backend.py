@@ -121,7 +121,7 @@ def test_matches_torch_reference_with_lora(backends, weights, mode, tokens):
 def test_set_lora_again_and_remove(weights, mode):
     kt_or_skip(*mode)
     tol = TOL[mode[1]]
-    kt = build(KTExperts, spec(), weights, moe_lora=mode[0], method=mode[1], chunk_size=CHUNK)
+    kt = build(KTExperts, spec(), weights, moe_lora=mode[0], method=mode[1], chunk_size=CHUNK, keep_base_weights=True)
     x, ids, w = routing(37, seed=3)
     assert rel(kt.forward(x, ids, w), reference(weights, {}, x, ids, w)) < tol  # no LoRA yet: plain experts
     same_shapes = make_lora(2, {"gate": 8, "up": 4, "down": 8}, {"gate": 2.0, "up": 2.0, "down": 1.0})
@@ -129,6 +129,22 @@ def test_set_lora_again_and_remove(weights, mode):
     for lora in (LORA, same_shapes, only_up, {}):
         kt.set_lora(lora)
         assert rel(kt.forward(x, ids, w), reference(weights, lora, x, ids, w)) < tol, sorted(lora)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(m))
+def test_base_weights_released_after_prepare(weights, mode):
+    """The experts are never held twice: once the kernel has packed them, only an in-place LoRA update works."""
+    kt_or_skip(*mode)
+    kt = build(KTExperts, spec(), weights, LORA, moe_lora=mode[0], method=mode[1], chunk_size=CHUNK)
+    kt.prepare()
+    assert kt.base is None
+    x, ids, w = routing(11, seed=5)
+    if mode[0] == "exact":  # same rank and alpha: the kernel's LoRA buffers are refreshed in place
+        same_shapes = make_lora(2, {"gate": 8, "up": 4, "down": 8}, {"gate": 2.0, "up": 2.0, "down": 1.0})
+        kt.set_lora(same_shapes)
+        assert rel(kt.forward(x, ids, w), reference(weights, same_shapes, x, ids, w)) < TOL[mode[1]]
+    with pytest.raises(KTChatError, match="keep_base_weights"):
+        kt.set_lora({})
 
 
 def test_lora_set_before_finalize_and_fp32_io(weights):

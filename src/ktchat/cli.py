@@ -30,12 +30,10 @@ def open_session(config: ChatConfig):
     m = config.model
     if m.template:
         logger.info("template: %s noted; prompts use the tokenizer's own chat template", m.template)
-    for key in ("kt_num_threads", "moe_lora"):
-        if getattr(m, key) is not None:
-            logger.warning("ignored: %s: %s (not passed to load_model yet)", key, getattr(m, key))
     model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path,
                                   experts_backend=m.resolved_experts_backend, device=m.device, dtype=m.dtype,
-                                  trust_remote_code=m.trust_remote_code)
+                                  trust_remote_code=m.trust_remote_code, moe_lora=m.moe_lora,
+                                  kt_method=m.kt_method, num_threads=m.kt_num_threads)
     return ChatSession(model, tokenizer, config.generation)
 
 

@@ -24,6 +24,7 @@ INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
 INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MOE_LORA_MODES = ("exact", "merged")
+KT_METHODS = ("bf16", "int8", "int4")
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
 
 # LLaMA-Factory keys that mean nothing at ktchat inference: accepted so existing YAML files load, logged once.
@@ -115,6 +116,7 @@ class ModelArgs:
     infer_dtype: str = "auto"  # auto: the checkpoint's own dtype
     kt_num_threads: Optional[int] = None
     moe_lora: Optional[str] = None  # None: the experts backend's default
+    kt_method: Optional[str] = None  # kt experts' weight format; None: bf16
 
     def __post_init__(self):
         _check_str("model_name_or_path", self.model_name_or_path, optional=False)
@@ -128,6 +130,7 @@ class ModelArgs:
         _check_choice("infer_dtype", self.infer_dtype, INFER_DTYPES)
         _check_int("kt_num_threads", self.kt_num_threads, minimum=1, optional=True)
         _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
+        _check_choice("kt_method", self.kt_method, KT_METHODS, optional=True)
         self._check_kt()
 
     def _check_adapter(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Callable
 
 from ..errors import KTChatError
 from . import kt_backend
@@ -10,21 +12,32 @@ from .base import ExpertsBackend, ExpertsSpec
 from .kt_backend import KTExperts
 from .torch_backend import TorchExperts
 
-__all__ = ["BACKENDS", "ExpertsBackend", "ExpertsSpec", "KTExperts", "TorchExperts", "resolve_backend"]
+__all__ = ["BACKENDS", "ExpertsBackend", "ExpertsSpec", "KTExperts", "TorchExperts", "backend_factory"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS: dict[str, type[ExpertsBackend]] = {"torch": TorchExperts, "kt": KTExperts}
 
 
-def resolve_backend(name: str) -> type[ExpertsBackend]:
-    """Maps "auto" | "torch" | "kt" to a backend class, saying in one line which and why."""
+def backend_factory(
+    name: str = "auto", *, moe_lora: str | None = None, kt_method: str | None = None, num_threads: int | None = None
+) -> Callable[[ExpertsSpec], ExpertsBackend]:
+    """Maps "auto" | "torch" | "kt" and its options to a per-layer backend constructor; says which, and why."""
+    if name not in ("auto", *BACKENDS):
+        raise KTChatError(f"experts_backend must be 'auto', 'torch' or 'kt', got {name!r}")
     if name == "auto":
         use_kt, why = kt_backend.auto_choice()  # imports kt_kernel only now, never at `import ktchat`
-        logger.info("experts backend: %s (%s)", "kt" if use_kt else "torch", why)
-        return KTExperts if use_kt else TorchExperts
-    if name not in ("torch", "kt"):
-        raise KTChatError(f"experts_backend must be 'auto', 'torch' or 'kt', got {name!r}")
-    if name not in BACKENDS:
-        raise KTChatError(f"experts_backend {name!r} is not available yet; use 'torch'")
-    return BACKENDS[name]
+        name = "kt" if use_kt else "torch"
+        logger.info("experts backend: %s (%s)", name, why)
+    if name == "torch":
+        if kt_method not in (None, "bf16") or num_threads is not None:
+            logger.warning("ignored: kt_method/kt_num_threads apply to the kt experts backend, not torch")
+        return functools.partial(TorchExperts, moe_lora=moe_lora or "exact")
+    if moe_lora is None:
+        moe_lora = "exact" if kt_backend.unavailable_reason("exact", kt_method or "bf16") is None else "merged"
+    options = {"moe_lora": moe_lora, "method": kt_method or "bf16", "num_threads": num_threads}
+    reason = kt_backend.unavailable_reason(options["moe_lora"], options["method"])
+    if reason:
+        raise KTChatError(f"experts_backend kt: {reason}")
+    logger.info("kt experts: moe_lora=%s, method=%s", options["moe_lora"], options["method"])
+    return functools.partial(KTExperts, **options)

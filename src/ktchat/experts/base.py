@@ -29,7 +29,12 @@ class ExpertsSpec:
 
 
 class ExpertsBackend(ABC):
-    """Holds one layer's routed-expert weights on the CPU and computes sum_k w_k * expert_k(x)."""
+    """Holds one layer's routed-expert weights on the CPU and computes sum_k w_k * expert_k(x).
+
+    Life cycle: load_weight (every expert projection, streamed once) -> finalize (all arrived) -> set_lora
+    (optional; the adapter comes after the checkpoint) -> prepare (pack, quantize or fold the LoRA in, once)
+    -> forward. forward prepares on first use if nobody did.
+    """
 
     name: str = "?"
 
@@ -39,6 +44,7 @@ class ExpertsBackend(ABC):
         self.spec = spec
         self._loaded: set[tuple[str, int]] = set()
         self.lora: dict[str, StackedLoRA] = {}
+        self.prepared = False
 
     def load_weight(self, proj: str, expert: int, tensor: torch.Tensor, source: str) -> None:
         """Takes one expert projection straight from the checkpoint; `source` names it in errors."""
@@ -76,10 +82,21 @@ class ExpertsBackend(ABC):
         self._set_lora(lora)
         self.lora = dict(lora)
 
+    def prepare(self) -> None:
+        """Turns loaded weights + LoRA into what forward runs on (kernel packing, LoRA folding); idempotent."""
+        if not self.prepared:
+            if len(self._loaded) != 3 * self.spec.num_experts:
+                raise KTChatError(f"layer {self.spec.layer_idx}: experts used before all weights were loaded")
+            self._prepare()
+            self.prepared = True
+
     @abstractmethod
     def _store(self, proj: str, expert: int, tensor: torch.Tensor) -> None: ...
 
     def _finalize(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def _prepare(self) -> None:  # noqa: B027 - optional hook
         pass
 
     @abstractmethod

@@ -123,6 +123,7 @@ class KTExperts(ExpertsBackend):
         method: str = "bf16",
         num_threads: int | None = None,
         chunk_size: int = 8192,
+        keep_base_weights: bool = False,
     ):
         super().__init__(spec)
         if moe_lora not in MODES:
@@ -138,6 +139,7 @@ class KTExperts(ExpertsBackend):
         if reason:
             raise KTChatError(f"layer {spec.layer_idx}: {reason}")
         self.moe_lora, self.method, self.chunk_size = moe_lora, method, chunk_size
+        self.keep_base_weights = keep_base_weights
         self._moe = kt_ext().moe
         self._pool = cpu_infer(num_threads)
         e = spec.num_experts
@@ -149,19 +151,33 @@ class KTExperts(ExpertsBackend):
         self._kernel_lora: dict[str, torch.Tensor] = {}  # the six bf16 LoRA buffers of an SFT kernel
         self._kernel_rank, self._kernel_alpha = 0, 0.0  # of the SFT kernel in use; rank 0: inference kernel
         self._pending: dict[str, StackedLoRA] = {}
-        self._ready = False
 
     def _store(self, proj, expert, tensor):
         self.base[proj][expert].copy_(tensor)
 
-    def _finalize(self) -> None:
-        self._ready = True
+    def _prepare(self) -> None:
         self._build()
+        if not self.keep_base_weights:
+            self.base = None  # the kernel packed its own copy: never hold the experts twice
 
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
         self._pending = {p: s for p, s in lora.items() if s.a.shape[1] > 0}
-        if self._ready:
-            self._build()
+        if not self.prepared:
+            return
+        if self.base is None and not self._updates_in_place(self._pending):
+            raise KTChatError(
+                f"layer {self.spec.layer_idx}: changing the expert LoRA after the kernel was built needs the base "
+                "weights, which were released (build the backend with keep_base_weights=True, or reload the model)"
+            )
+        self._build()
+
+    def _updates_in_place(self, lora: dict[str, StackedLoRA]) -> bool:
+        """An exact-mode LoRA of the kernel's rank and alpha only refreshes the kernel's LoRA buffers."""
+        if self.moe_lora != "exact" or not lora or self._kernel_rank == 0:
+            return False
+        rank = max(s.a.shape[1] for s in lora.values())
+        alpha = max((s.scale for s in lora.values()), key=abs) * rank
+        return rank == self._kernel_rank and abs(alpha - self._kernel_alpha) <= 1e-12 * max(1.0, abs(alpha))
 
     def _build(self) -> None:
         """(Re)creates the kernel for the current LoRA: inference kernel without one or when merged, else SFT."""
@@ -247,8 +263,7 @@ class KTExperts(ExpertsBackend):
 
     @torch.no_grad()
     def forward(self, x, topk_ids, topk_weights):
-        if self._kernel is None:
-            raise KTChatError(f"layer {self.spec.layer_idx}: kt experts used before all weights were loaded")
+        self.prepare()
         spec = self.spec
         t = x.shape[0]
         if x.dim() != 2 or x.shape[1] != spec.hidden_size or tuple(topk_ids.shape) != (t, spec.top_k) or (

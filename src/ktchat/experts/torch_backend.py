@@ -5,27 +5,48 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..adapter import StackedLoRA
+from ..adapter import PROJS, StackedLoRA
+from ..errors import KTChatError
 from .base import ExpertsBackend, ExpertsSpec
+
+MODES = ("exact", "merged")
 
 
 class TorchExperts(ExpertsBackend):
-    """Stacked weights [E, out, in]; the expert LoRA is applied unmerged (x A^T B^T * s), as in training."""
+    """Stacked weights [E, out, in]. moe_lora "exact" applies the expert LoRA unmerged (x A^T B^T * s), as in
+    training; "merged" folds s * B @ A into the weights once at prepare (fp32 accumulation)."""
 
     name = "torch"
 
-    def __init__(self, spec: ExpertsSpec):
+    def __init__(self, spec: ExpertsSpec, *, moe_lora: str = "exact"):
         super().__init__(spec)
+        if moe_lora not in MODES:
+            raise KTChatError(f"torch experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
+        self.moe_lora = moe_lora
         e = spec.num_experts
-        self.weights = {p: torch.empty((e, *spec.weight_shape(p)), dtype=spec.dtype) for p in ("gate", "up", "down")}
+        self.weights = {p: torch.empty((e, *spec.weight_shape(p)), dtype=spec.dtype) for p in PROJS}
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def _store(self, proj, expert, tensor):
         self.weights[proj][expert].copy_(tensor)
 
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
+        if self.moe_lora == "merged" and self.prepared:
+            raise KTChatError(
+                f"layer {self.spec.layer_idx}: the expert LoRA is already merged into the weights; load the model "
+                "again to change it (or use moe_lora: exact)"
+            )
         dtype = self.spec.dtype
         self._lora = {p: (s.a.to(dtype), s.b.to(dtype), s.scale) for p, s in lora.items()}
+
+    def _prepare(self) -> None:
+        if self.moe_lora != "merged":
+            return
+        for proj, (a, b, scale) in self._lora.items():
+            w = self.weights[proj]
+            for e in range(w.shape[0]):
+                w[e] = torch.addmm(w[e].float(), b[e].float(), a[e].float(), alpha=scale).to(w.dtype)
+        self._lora = {}
 
     def _project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weights[proj][expert])
@@ -36,9 +57,9 @@ class TorchExperts(ExpertsBackend):
 
     @torch.no_grad()
     def forward(self, x, topk_ids, topk_weights):
+        self.prepare()
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-        flat = topk_ids.reshape(-1)
-        for expert in torch.unique(flat).tolist():
+        for expert in torch.unique(topk_ids).tolist():
             token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)
             xe = x[token]
             h = F.silu(self._project("gate", expert, xe)) * self._project("up", expert, xe)

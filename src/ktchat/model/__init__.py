@@ -23,15 +23,19 @@ def load_model(
     dtype=None,
     *,
     trust_remote_code: bool = False,
+    moe_lora: str | None = None,
+    kt_method: str | None = None,
+    num_threads: int | None = None,
 ):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
-    Returns (model, tokenizer); the model is called like any transformers causal LM.
+    Returns (model, tokenizer); the model is called like any transformers causal LM. moe_lora ("exact" |
+    "merged"), kt_method ("bf16" | "int8" | "int4") and num_threads tune the CPU experts backend.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from ..adapter import read_adapter
-    from ..experts import resolve_backend
+    from ..experts import backend_factory
     from .loader import build_skeleton, load_checkpoint, resolve_device, resolve_dtype
 
     start = time.perf_counter()
@@ -46,10 +50,10 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise KTChatError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     device, dtype = resolve_device(device), resolve_dtype(dtype, config)
-    backend_cls = resolve_backend(experts_backend)
+    make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads)
     adapter = read_adapter(_local_dir(adapter_name_or_path, "adapter_name_or_path")) if adapter_name_or_path else None
 
-    skeleton = build_skeleton(config, arch, backend_cls, dtype)
+    skeleton = build_skeleton(config, arch, make_backend, dtype)
     plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
     load_checkpoint(skeleton, model_dir, device, dtype)
     model = skeleton.model.eval()
@@ -61,12 +65,16 @@ def load_model(
             model = load_peft_channel(model, adapter, peft_modules).eval()
         load_moe_lora_from_adapter(model, adapter, arch=arch)
         logger.info(
-            "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts (%s)",
-            adapter.path, len(peft_modules), device, len(routed), backend_cls.name,
+            "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
+            adapter.path, len(peft_modules), device, len(routed),
         )
+    backend_name = ""
+    for block in skeleton.moe_blocks.values():
+        block.experts.backend.prepare()  # pack / quantize / fold the expert LoRA now, not at the first token
+        backend_name = block.experts.backend.name
     logger.info(
         "loaded %s in %.1fs: %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
-        model_dir.name, time.perf_counter() - start, len(skeleton.moe_blocks), backend_cls.name,
+        model_dir.name, time.perf_counter() - start, len(skeleton.moe_blocks), backend_name,
         str(dtype).removeprefix("torch."), device,
     )
     return model, tokenizer

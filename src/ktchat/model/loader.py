@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import KTChatError
-from ..experts import ExpertsBackend, ExpertsSpec
+from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
 from .registry import MoEArch
 
@@ -54,7 +54,7 @@ class Skeleton:
     moe_blocks: dict[int, OffloadedMoE]
 
 
-def build_skeleton(config, arch: MoEArch, backend_cls: type[ExpertsBackend], dtype: torch.dtype) -> Skeleton:
+def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> Skeleton:
     """The family's own model class with empty weights, its MoE blocks replaced by `OffloadedMoE`."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -71,7 +71,7 @@ def build_skeleton(config, arch: MoEArch, backend_cls: type[ExpertsBackend], dty
         with torch.device("meta"):
             gate = Router(config.hidden_size, num_experts, bias=False, dtype=torch.float32)
         shared = getattr(block, arch.shared_experts_attr, None) if arch.shared_experts_attr else None
-        blocks[idx] = OffloadedMoE(idx, gate, shared, CPUExperts(backend_cls(spec)), arch.route, config)
+        blocks[idx] = OffloadedMoE(idx, gate, shared, CPUExperts(make_backend(spec)), arch.route, config)
         setattr(layer, arch.moe_attr, blocks[idx])
     if not blocks:
         raise KTChatError(f"{config.model_type}: the model has no MoE layers to offload")

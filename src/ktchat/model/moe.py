@@ -8,6 +8,8 @@ from torch import nn
 
 from ..experts import ExpertsBackend
 
+_CPU = torch.device("cpu")
+
 
 class Router(nn.Linear):
     """The expert router, kept in fp32 as the families compute it; an nn.Linear so PEFT can target it."""
@@ -21,11 +23,28 @@ class CPUExperts(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        cpu = torch.device("cpu")
-        out = self.backend.forward(
-            x.to(cpu, self.backend.spec.dtype), topk_ids.to(cpu, torch.int64), topk_weights.to(cpu, torch.float32)
+        return self.finish(self.stage(x, topk_ids, topk_weights), x)
+
+    def stage(self, x, topk_ids, topk_weights):
+        """Starts the copies to the CPU; on CUDA they are asynchronous, so GPU work queued next overlaps."""
+        non_blocking = x.device.type == "cuda"
+        staged = (
+            x.to(_CPU, self.backend.spec.dtype, non_blocking=non_blocking),
+            topk_ids.to(_CPU, torch.int64, non_blocking=non_blocking),
+            topk_weights.to(_CPU, torch.float32, non_blocking=non_blocking),
         )
-        return out.to(x.device, x.dtype)
+        event = None
+        if non_blocking:
+            event = torch.cuda.Event()
+            event.record()
+        return staged, event
+
+    def finish(self, staged, like: torch.Tensor) -> torch.Tensor:
+        """Waits for the copies only (not for later GPU work), runs the experts, sends the result back."""
+        (x, ids, weights), event = staged
+        if event is not None:
+            event.synchronize()
+        return self.backend.forward(x, ids, weights).to(like.device, like.dtype)
 
     def extra_repr(self) -> str:
         s = self.backend.spec
@@ -33,7 +52,13 @@ class CPUExperts(nn.Module):
 
 
 class OffloadedMoE(nn.Module):
-    """gate (router) -> top-k -> CPU experts, plus shared experts; keeps the family's submodule names."""
+    """gate (router) -> top-k -> CPU experts, plus shared experts; keeps the family's submodule names.
+
+    With `overlap` (the default), the shared experts are queued on the GPU after the copies to the CPU, so
+    they run while the CPU computes the routed experts.
+    """
+
+    overlap = True
 
     def __init__(self, layer_idx: int, gate: Router, shared_experts: nn.Module | None, experts: CPUExperts, route, config):
         super().__init__()
@@ -49,7 +74,11 @@ class OffloadedMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         weights, ids = self._route(self.gate(x.float()), self._config)
-        out = self.experts(x, ids, weights)
-        if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(x)
-        return out.view(shape)
+        shared = getattr(self, "shared_experts", None)
+        if shared is None:
+            return self.experts(x, ids, weights).view(shape)
+        if self.overlap:
+            staged = self.experts.stage(x, ids, weights)
+            shared_out = shared(x)
+            return (self.experts.finish(staged, x) + shared_out).view(shape)
+        return (self.experts(x, ids, weights) + shared(x)).view(shape)

@@ -1,0 +1,33 @@
+"""The tiny model end to end on kt_kernel experts (fp32 everywhere else) against the fp32 hand-merged reference."""
+
+from __future__ import annotations
+
+import pytest
+
+from ktchat import load_model
+from ktchat.tiny import TRAINED_QA
+
+from reference import DEVICE, greedy, logits, rel_err
+
+# (moe_lora, kt_method, bound): the issue's accuracy bounds for the expert kernels, on chat prompts. Measured on
+# the tiny model: merged bf16 1.2-1.8e-3, merged int8 3.1-4.1e-3. (On random-token prompts, rounding the merged
+# expert weights to bf16 alone costs up to 2.1e-2: near-ties in routing amplify it; see docs/precision.md.)
+MODES = [("exact", "bf16", 1e-2), ("merged", "bf16", 1e-2), ("merged", "int8", 5e-2)]
+
+
+@pytest.mark.parametrize("moe_lora,method,bound", MODES, ids=[f"{m}-{k}" for m, k, _ in MODES])
+def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, moe_lora, method, bound):
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts.kt_backend import unavailable_reason
+
+    reason = unavailable_reason(moe_lora, method)
+    if reason:
+        pytest.skip(reason)
+    model, tok = load_model(
+        tiny.model, tiny.adapter, experts_backend="kt", dtype="float32", device=DEVICE, moe_lora=moe_lora,
+        kt_method=method,
+    )
+    for ids in chat_prompts:
+        assert rel_err(logits(model, ids), logits(reference, ids)) < bound
+    for ids, (_, answer) in zip(chat_prompts, TRAINED_QA + TRAINED_QA[:1]):
+        assert answer in tok.decode(greedy(model, ids), skip_special_tokens=True)
