@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 import transformers
@@ -12,12 +10,14 @@ from ktchat import load_model
 from ktchat.model import offloaded_blocks
 from ktchat.tiny import TRAINED_QA
 
-from reference import DEVICE, greedy, load_reference, logits, rel_err
+from reference import DEVICE, greedy, logits, rel_err
 
 FP32_BOUND = 1e-4
-# Measured on the tiny model (transformers 5.24, CPU): bf16 KT mode vs the fp32 reference, 6-9e-3 on chat
-# prompts and up to 7.7e-2 on random-token prompts, where plain transformers in bf16 errs up to 0.16.
-BF16_BOUND = 0.1
+# bf16 KT mode vs the fp32 reference, measured on the tiny model: on chat prompts 6-9e-3 (CPU) and up to
+# 1.24e-2 (attention on an H100); on 300 random tokens up to 7.7e-2, where plain transformers in bf16 on the same
+# merged weights errs 2e-2 to 0.16 (near-ties in routing amplify rounding). See docs/precision.md.
+BF16_CHAT_BOUND = 2e-2
+BF16_RANDOM_BOUND = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +52,14 @@ def test_dropping_expert_lora_breaks_the_match(tiny, reference, reference_withou
     assert any(greedy(model, ids) != greedy(reference, ids) for ids in prompts[:-1])
 
 
-def test_bf16_kt_mode_within_measured_bound(tiny, reference, prompts):
-    """bf16 KT mode errs no more than plain transformers does in bf16 on the same merged weights."""
+def test_bf16_kt_mode_within_measured_bound(tiny, reference, chat_prompts):
     model, tok = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="bfloat16", device=DEVICE)
-    plain_bf16 = load_reference(tiny.root / "merged-all", torch.bfloat16)
-    randoms = [torch.randint(0, len(tok), (1, 300), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
-    kt, plain = [], []
-    for ids in prompts + randoms:
-        want = logits(reference, ids)
-        kt.append(rel_err(logits(model, ids), want))
-        plain.append(rel_err(logits(plain_bf16, ids), want))
-    assert max(kt) < BF16_BOUND, kt
-    assert statistics.median(kt) <= 1.5 * statistics.median(plain), (kt, plain)
-    for ids, (_, answer) in zip(prompts, TRAINED_QA + TRAINED_QA[:1]):
+    randoms = [torch.randint(0, len(tok), (1, 300), generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2)]
+    chats = [rel_err(logits(model, ids), logits(reference, ids)) for ids in chat_prompts]
+    assert max(chats) < BF16_CHAT_BOUND, chats
+    noise = [rel_err(logits(model, ids), logits(reference, ids)) for ids in randoms]
+    assert max(noise) < BF16_RANDOM_BOUND, noise
+    for ids, (_, answer) in zip(chat_prompts, TRAINED_QA + TRAINED_QA[:1]):
         assert answer in tok.decode(greedy(model, ids), skip_special_tokens=True)
 
 

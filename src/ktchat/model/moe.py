@@ -16,35 +16,48 @@ class Router(nn.Linear):
 
 
 class CPUExperts(nn.Module):
-    """Moves hidden states to the CPU backend and the result back; holds no parameters of its own."""
+    """Moves hidden states to the CPU backend and the result back; holds no parameters of its own.
+
+    From CUDA, the copies go through pinned buffers reused from token to token (decode calls every layer
+    once per token, so allocation and synchronisation cost is per-token latency).
+    """
 
     def __init__(self, backend: ExpertsBackend):
         super().__init__()
         self.backend = backend
+        self._pinned: dict[str, torch.Tensor] = {}
+        self._event = None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.finish(self.stage(x, topk_ids, topk_weights), x)
 
     def stage(self, x, topk_ids, topk_weights):
-        """Starts the copies to the CPU; on CUDA they are asynchronous, so GPU work queued next overlaps."""
-        non_blocking = x.device.type == "cuda"
-        staged = (
-            x.to(_CPU, self.backend.spec.dtype, non_blocking=non_blocking),
-            topk_ids.to(_CPU, torch.int64, non_blocking=non_blocking),
-            topk_weights.to(_CPU, torch.float32, non_blocking=non_blocking),
-        )
-        event = None
-        if non_blocking:
-            event = torch.cuda.Event()
-            event.record()
-        return staged, event
+        """Starts the copies to the CPU; from CUDA they are asynchronous, so GPU work queued next overlaps."""
+        x = x.to(self.backend.spec.dtype)
+        topk_ids, topk_weights = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
+        if x.device.type != "cuda":
+            return (x.to(_CPU), topk_ids.to(_CPU), topk_weights.to(_CPU)), None
+        staged = tuple(self._buffer(name, t).copy_(t, non_blocking=True)
+                       for name, t in (("x", x), ("ids", topk_ids), ("weights", topk_weights)))
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()
+        return staged, self._event
 
     def finish(self, staged, like: torch.Tensor) -> torch.Tensor:
         """Waits for the copies only (not for later GPU work), runs the experts, sends the result back."""
         (x, ids, weights), event = staged
-        if event is not None:
-            event.synchronize()
-        return self.backend.forward(x, ids, weights).to(like.device, like.dtype)
+        if event is None:
+            return self.backend.forward(x, ids, weights).to(like.device, like.dtype)
+        event.synchronize()
+        out = self._buffer("out", x).copy_(self.backend.forward(x, ids, weights))
+        return out.to(like.device, non_blocking=True).to(like.dtype)
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self._pinned.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._pinned[name] = torch.empty(like.shape, dtype=like.dtype, device=_CPU, pin_memory=True)
+        return buf
 
     def extra_repr(self) -> str:
         s = self.backend.spec

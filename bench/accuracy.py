@@ -1,0 +1,55 @@
+"""Relative logit error of each experts backend mode against the fp32 hand-merged reference, on the tiny
+trained model (fp32 everywhere but the expert kernel). Prints one line per mode, one number per prompt.
+
+    python bench/accuracy.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from reference import load_reference, logits, merge_by_hand, rel_err  # noqa: E402
+
+from ktchat import load_model  # noqa: E402
+from ktchat.experts.kt_backend import unavailable_reason  # noqa: E402
+from ktchat.tiny import TRAINED_QA, build_tiny  # noqa: E402
+
+MODES = [("torch", "exact", None), ("kt", "exact", "bf16"), ("kt", "merged", "bf16"), ("kt", "merged", "int8"),
+         ("kt", "exact", "int8")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "tiny")
+    args = ap.parse_args()
+    tiny = build_tiny(args.cache)
+    reference = load_reference(merge_by_hand(tiny.model, tiny.adapter, tiny.root / "merged-all"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    chats = [[{"role": "user", "content": q}] for q, _ in TRAINED_QA] + [history + [{"role": "user", "content": TRAINED_QA[0][0]}]]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+               for c in chats]
+    prompts.append(torch.randint(0, 500, (1, 300), generator=torch.Generator().manual_seed(0)))
+    print("prompts: 3 trained questions, a 70-token conversation, 300 random tokens")
+    for backend, moe_lora, method in MODES:
+        if backend == "kt" and unavailable_reason(moe_lora, method):
+            print(f"{backend} {moe_lora} {method}: unavailable here")
+            continue
+        model, _ = load_model(tiny.model, tiny.adapter, experts_backend=backend, dtype="float32", device=args.device,
+                              moe_lora=moe_lora, kt_method=method)
+        errors = [rel_err(logits(model, p), logits(reference, p)) for p in prompts]
+        print(f"{backend} {moe_lora} {method or ''}: " + " ".join(f"{e:.1e}" for e in errors), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""End-to-end speed of KT mode on a random-weight checkpoint with DeepSeek-V2-Lite's configuration, against
+plain transformers on the GPU (with and without the adapter). No downloads: weights and adapter are random.
+
+    python bench/model_bench.py --layers 27 --out /tmp/bench            # the whole table
+    python bench/model_bench.py --layers 4 --variants kt-exact kt-exact-nooverlap
+
+Each variant runs in its own process (clean CPU/GPU memory peaks); the parent prints medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+V2_LITE = {
+    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "num_experts_per_tok": 6, "routed_scaling_factor": 1.0, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "norm_topk_prob": False, "scoring_func": "softmax", "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 100000,
+    "eos_token_id": 100001, "use_cache": True, "initializer_range": 0.02, "aux_loss_alpha": 0.001, "seq_aux": True,
+}
+ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+VARIANTS = {  # name -> (engine, load_model keyword arguments)
+    "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
+    "kt-exact": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16"}),
+    "kt-exact-nooverlap": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16", "overlap": False}),
+    "kt-merged-bf16": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "bf16"}),
+    "kt-merged-int8": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "int8"}),
+    "kt-noadapter": ("ktchat-base", {"experts_backend": "kt", "kt_method": "bf16"}),
+    "torch": ("ktchat", {"experts_backend": "torch"}),
+}
+
+
+def shapes(cfg: dict):
+    """(name, shape) of every tensor of the checkpoint, in on-disk names."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    heads, nope, rope, vd, kvr = (cfg[k] for k in ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                   "v_head_dim", "kv_lora_rank"))
+    yield "model.embed_tokens.weight", (v, h)
+    yield "lm_head.weight", (v, h)
+    yield "model.norm.weight", (h,)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (heads * (nope + rope), h)
+        yield p + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h)
+        yield p + "self_attn.kv_a_layernorm.weight", (kvr,)
+        yield p + "self_attn.kv_b_proj.weight", (heads * (nope + vd), kvr)
+        yield p + "self_attn.o_proj.weight", (h, heads * vd)
+        if layer < cfg["first_k_dense_replace"]:
+            yield from mlp(p + "mlp.", h, cfg["intermediate_size"])
+            continue
+        i = cfg["moe_intermediate_size"]
+        yield p + "mlp.gate.weight", (cfg["n_routed_experts"], h)
+        yield from mlp(p + "mlp.shared_experts.", h, i * cfg["n_shared_experts"])
+        for e in range(cfg["n_routed_experts"]):
+            yield from mlp(p + f"mlp.experts.{e}.", h, i)
+
+
+def mlp(prefix, h, i):
+    yield prefix + "gate_proj.weight", (i, h)
+    yield prefix + "up_proj.weight", (i, h)
+    yield prefix + "down_proj.weight", (h, i)
+
+
+def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
+    """Random bf16 weights in ~2 GB shards + a random rank-`rank` all-target adapter (per-expert PEFT layout)."""
+    import torch
+    from safetensors.torch import save_file
+
+    model, adapter = root / "model", root / "adapter"
+    if (adapter / "adapter_model.safetensors").exists():
+        return root
+    model.mkdir(parents=True, exist_ok=True)
+    adapter.mkdir(parents=True, exist_ok=True)
+    cfg = dict(V2_LITE, num_hidden_layers=layers)
+    (model / "config.json").write_text(json.dumps(cfg, indent=2))
+    torch.manual_seed(0)
+    shard, size, index, lora = {}, 0, {}, {}
+
+    def flush():
+        nonlocal shard, size
+        name = f"model-{len(set(index.values())) + 1:05d}.safetensors"
+        save_file(shard, str(model / name))
+        index.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, shape in shapes(cfg):
+        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02)
+        shard[name], size = t, size + t.numel() * 2
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in ATTN + MLP:
+            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, shape[1]) / shape[1] ** 0.5
+            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], rank) * 0.01
+        if size > 2e9:
+            flush()
+    flush()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    save_file({k: v.bfloat16().contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": list(ATTN + MLP), "base_model_name_or_path": str(model)}))
+    write_tokenizer(model, cfg["vocab_size"])
+    return root
+
+
+def write_tokenizer(model: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 2)} | {"<unk>": vocab - 2, "<eos>": vocab - 1}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(dict(cfg, tokenizer_class="PreTrainedTokenizerFast")))
+
+
+def load(engine: str, root: Path, kwargs: dict):
+    import torch
+
+    kwargs = dict(kwargs)
+    overlap = kwargs.pop("overlap", True)
+    if engine.startswith("hf"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16, device_map="cuda")
+        if engine == "hf-peft":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(root / "adapter"))
+        return model.eval()
+    from ktchat import load_model
+    from ktchat.model import moe
+
+    moe.OffloadedMoE.overlap = overlap
+    adapter = None if engine == "ktchat-base" else root / "adapter"
+    return load_model(root / "model", adapter, dtype="bfloat16", **kwargs)[0]
+
+
+def timed(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_variant(name: str, root: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    engine, kwargs = VARIANTS[name]
+    load_s = timed(lambda: globals().__setitem__("_model", load(engine, root, kwargs)))
+    model = globals().pop("_model")
+    ids = torch.randint(0, 100000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
+    gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model(ids[:, :16])  # warm-up
+        prefill = [timed(lambda: model(ids)) for _ in range(repeats)]
+        total = [timed(lambda: model.generate(ids, **gen)) for _ in range(repeats)]
+    decode = [(t - p) / (new_tokens - 1) for t, p in zip(total, prefill)]
+    return {
+        "variant": name, "load_s": load_s, "prefill_tok_s": prompt_len / statistics.median(prefill),
+        "decode_tok_s": 1 / statistics.median(decode), "decode_ms": 1000 * statistics.median(decode),
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "cpu_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def cpu_bandwidth_gbs(gib: float = 4.0) -> float:
+    """Read bandwidth: an fp32 reduction (vectorised, every torch thread) over a tensor far larger than cache."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("/tmp/ktchat-bench"))
+    ap.add_argument("--layers", type=int, default=27)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON on stdout
+    args = ap.parse_args()
+    root = args.out / f"v2lite-{args.layers}l-r{args.rank}"
+    if args.run:  # JSON to a file: kt_kernel prints to stdout at exit
+        result = run_variant(args.run, root, args.prompt, args.new_tokens, args.repeats)
+        (root / f"result-{args.run}.json").write_text(json.dumps(result))
+        return
+    start = time.perf_counter()
+    write_checkpoint(root, args.layers, args.rank)
+    print(f"checkpoint ready in {time.perf_counter() - start:.0f}s: {root}", flush=True)
+    rows = []
+    for name in args.variants:
+        cmd = [sys.executable, __file__, "--out", str(args.out), "--layers", str(args.layers), "--rank", str(args.rank),
+               "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+               "--run", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads((root / f"result-{name}.json").read_text()))
+        print(json.dumps(rows[-1]), flush=True)
+    report(rows, args)
+
+
+def report(rows: list[dict], args) -> None:
+    cfg = dict(V2_LITE, num_hidden_layers=args.layers)
+    moe_layers = args.layers - cfg["first_k_dense_replace"]
+    active = moe_layers * cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+    bw = cpu_bandwidth_gbs()
+    print(f"\nCPU read bandwidth {bw:.0f} GB/s; active expert bytes/token: bf16 {active * 2 / 1e9:.2f} GB, "
+          f"int8 {active / 1e9:.2f} GB; decode floor: bf16 {bw * 1e9 / (active * 2):.1f} tok/s, "
+          f"int8 {bw * 1e9 / active:.1f} tok/s")
+    base = {r["variant"]: r for r in rows}.get("hf")
+    print(f"\n| variant | load s | prefill tok/s ({args.prompt}) | decode tok/s | decode ms | GPU peak GiB | CPU peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f" ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x hf)" if base else ""
+        print(f"| {r['variant']} | {r['load_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f}{ratio} | "
+              f"{r['decode_ms']:.1f} | {r['gpu_peak_gib']:.1f} | {r['cpu_peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
