@@ -191,3 +191,16 @@ def test_worker_pool_is_shared_and_first_count_wins(backends, caplog):
 def test_import_does_not_load_kt_kernel():
     code = "import sys, ktchat.experts.kt_backend; assert 'kt_kernel' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_picks_kt_where_a_bf16_kernel_runs(caplog):
+    from ktchat.experts import backend_factory
+
+    with caplog.at_level("INFO", logger="ktchat.experts"):
+        factory = backend_factory("auto")
+    runs_here = kt_backend.unavailable_reason("merged", "bf16") is None
+    assert (factory.func is KTExperts) == runs_here
+    assert "experts backend: " + ("kt" if runs_here else "torch") in caplog.text
+    if runs_here:
+        exact_here = kt_backend.unavailable_reason("exact", "bf16") is None
+        assert factory.keywords["moe_lora"] == ("exact" if exact_here else "merged")

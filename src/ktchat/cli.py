@@ -134,6 +134,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv=None) -> int:
     """Entry point of the `ktchat` console script; returns the exit status (2: user error, 130: Ctrl+C)."""
     args = build_parser().parse_args(argv)
+    # Before torch loads OpenMP: spinning idle threads steal the cores the CPU experts need (small VMs above all).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="[ktchat] %(message)s")
     try:
         return args.func(args)

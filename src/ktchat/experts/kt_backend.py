@@ -329,14 +329,10 @@ def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[
 
 
 def auto_choice() -> tuple[bool, str]:
-    """For experts_backend "auto": kt where its exact-LoRA kernel runs on this CPU, else torch; and why."""
-    reason = unavailable_reason("exact", "bf16")
+    """For experts_backend "auto": kt where one of its bf16 kernels runs on this CPU, else torch; and why."""
+    reason = unavailable_reason("merged", "bf16")
     if reason:
         return False, reason
-    try:
-        with open("/proc/cpuinfo") as f:
-            amx = any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        amx = False
-    how = "the CPU has AMX (amx_bf16)" if amx else "no AMX; its AVX-512 BF16 kernels"
-    return True, f"kt_kernel variant '{cpu_variant()}' has the exact-LoRA kernels: {how}"
+    exact = unavailable_reason("exact", "bf16") is None
+    mode = "exact LoRA (SFT kernel)" if exact else "merged LoRA (no SFT kernel in this build)"
+    return True, f"kt_kernel variant '{cpu_variant()}' runs bf16 experts here, {mode}"
