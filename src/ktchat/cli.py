@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", metavar="DIR", help="where to build it (default $KTCHAT_CACHE or "
                       "~/.cache/ktchat/demo)")
     demo.set_defaults(func=cmd_demo)
+    from .adapter_cli import add_adapter_commands
+
+    add_adapter_commands(sub)
     return parser
 
 

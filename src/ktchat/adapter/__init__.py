@@ -1,17 +1,41 @@
-"""Reading, classifying and converting LoRA adapters. No model code lives here."""
+"""Reading, classifying, converting and writing LoRA adapters of every layout KT training writes. No model code.
+
+`read_adapter` reads any layout into one normalized form; `split_channels` splits it, for one architecture, into
+PEFT-channel modules and stacked routed-expert LoRA per (layer, projection); `check_channels` checks both
+against a base model's shapes.
+"""
 
 from .config import AdapterConfig, read_adapter_config
-from .lora import PROJS, Adapter, ExpertPath, LoraModule, StackedLoRA, read_adapter, split_channels, stack_layer
+from .core import (
+    GENERIC_EXPERTS,
+    KT_CHANNEL,
+    PEFT_CHANNEL,
+    PROJS,
+    ExpertLoRA,
+    ExpertPath,
+    LoraModule,
+    Problems,
+    StackedLoRA,
+)
+from .plan import BaseShapes, check_channels, split_channels
+from .reader import Adapter, ParamLoRA, read_adapter
 
 __all__ = [
+    "GENERIC_EXPERTS",
+    "KT_CHANNEL",
+    "PEFT_CHANNEL",
     "PROJS",
     "Adapter",
     "AdapterConfig",
+    "BaseShapes",
+    "ExpertLoRA",
     "ExpertPath",
     "LoraModule",
+    "ParamLoRA",
+    "Problems",
     "StackedLoRA",
+    "check_channels",
     "read_adapter",
     "read_adapter_config",
     "split_channels",
-    "stack_layer",
 ]

@@ -28,6 +28,7 @@ class AdapterConfig:
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: tuple[str, ...] = ()  # PEFT's LoRA on nn.Parameters (transformers-5 fused experts)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def rank_for(self, module: str) -> int:
@@ -75,6 +76,7 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         rank_pattern=_pattern_dict(raw, "rank_pattern", path, int),
         alpha_pattern=_pattern_dict(raw, "alpha_pattern", path, float),
+        target_parameters=_names(raw, "target_parameters", path),
         raw=raw,
     )
 
@@ -83,7 +85,8 @@ def _positive(raw: dict, key: str, path: Path, kind):
     if key not in raw:
         raise KTChatError(f"{path}: missing key {key!r}")
     value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or kind(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            or kind(value) != value):
         raise KTChatError(f"{path}: {key} must be a positive {kind.__name__}, got {value!r}")
     return kind(value)
 
@@ -92,4 +95,16 @@ def _pattern_dict(raw: dict, key: str, path: Path, kind) -> dict:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         raise KTChatError(f"{path}: {key} must be a mapping of module patterns, got {type(value).__name__}")
+    for pattern in value:
+        try:
+            re.compile(str(pattern))
+        except re.error as exc:
+            raise KTChatError(f"{path}: {key}: {pattern!r} is not a valid regular expression ({exc})") from None
     return {str(k): _positive(value, k, path, kind) for k in value}
+
+
+def _names(raw: dict, key: str, path: Path) -> tuple[str, ...]:
+    value = raw.get(key) or ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise KTChatError(f"{path}: {key} must be a list of parameter names, got {value!r}")
+    return tuple(value)

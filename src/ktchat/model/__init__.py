@@ -60,13 +60,13 @@ def load_model(
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
     if adapter is not None:
-        peft_modules, routed = plan
+        peft_modules, _ = plan
         if peft_modules:
             model = load_peft_channel(model, adapter, peft_modules).eval()
-        load_moe_lora_from_adapter(model, adapter, arch=arch)
+        n_routed = load_moe_lora_from_adapter(model, adapter, arch=arch)
         logger.info(
             "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
-            adapter.path, len(peft_modules), device, len(routed),
+            adapter.path, len(peft_modules), device, n_routed,
         )
     backend_name = ""
     for block in skeleton.moe_blocks.values():

@@ -7,12 +7,12 @@ import dataclasses
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..adapter import Adapter, LoraModule, read_adapter, split_channels, stack_layer
+from ..adapter import Adapter, LoraModule, check_channels, read_adapter, split_channels
+from ..adapter.keys import PEFT_KEY_MAPPING, parse_peft_key
 from ..errors import KTChatError
 from .moe import OffloadedMoE
 from .registry import MoEArch
@@ -29,41 +29,41 @@ def offloaded_blocks(model: nn.Module) -> dict[int, OffloadedMoE]:
 def plan_adapter(adapter: Adapter, model: nn.Module, arch: MoEArch):
     """Classifies every LoRA module and checks it against the model before anything is loaded.
 
-    Returns (PEFT modules, routed-expert modules). Raises on any module that fits neither channel.
+    Returns (PEFT modules, {(layer, proj): ExpertLoRA}). Raises on any module that fits neither channel.
     """
     peft, routed = split_channels(adapter, arch.expert_path)
-    where = adapter.weights.path
-    for name, lora in peft.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise KTChatError(f"{where}: LoRA for {name!r}, which is not a module of the base model") from None
-        if not isinstance(module, nn.Linear):
-            raise KTChatError(f"{where}: LoRA for {name!r}, a {type(module).__name__}; only Linear layers are supported")
-        _check_shape(where, lora, module.in_features, module.out_features)
-    _check_routed(adapter, routed, offloaded_blocks(model))
+    unprefixed = next((m.a_key for m in peft.values() if not parse_peft_key(m.a_key).prefixed), None)
+    if unprefixed is not None:
+        raise KTChatError(
+            f"{adapter.weights.path}: {unprefixed}: keys without the base_model.model. prefix (an SGLang-style "
+            f"adapter) cannot go through PEFT; run `ktchat convert {adapter.path} OUT --to peft` and load OUT"
+        )
+    check_channels(adapter, (peft, routed), ModelShapes(model))
     return peft, routed
 
 
-def _check_routed(adapter: Adapter, routed: dict, blocks: dict[int, OffloadedMoE]) -> None:
-    where = adapter.weights.path
-    for (layer, expert, proj), lora in routed.items():
-        block = blocks.get(layer)
+class ModelShapes:
+    """A built KT-mode model as `BaseShapes`: its Linear layers, and its CPU experts' specs."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = offloaded_blocks(model)
+
+    def linear(self, name: str):
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            return "which is not a module of the base model"
+        if not isinstance(module, nn.Linear):
+            return f"a {type(module).__name__}; only Linear layers are supported"
+        return module.in_features, module.out_features
+
+    def routed(self, layer: int):
+        block = self.blocks.get(layer)
         if block is None:
-            raise KTChatError(f"{where}: routed-expert LoRA {lora.name!r} for layer {layer}, which has no routed experts")
+            return None
         spec = block.experts.backend.spec
-        if expert >= spec.num_experts:
-            raise KTChatError(f"{where}: LoRA {lora.name!r} for expert {expert}, but the model has {spec.num_experts}")
-        out_f, in_f = spec.weight_shape(proj)
-        _check_shape(where, lora, in_f, out_f)
-
-
-def _check_shape(where: Path, lora: LoraModule, in_f: int, out_f: int) -> None:
-    if (lora.in_features, lora.out_features) != (in_f, out_f):
-        raise KTChatError(
-            f"{where}: {lora.a_key} / {lora.b_key} map {lora.in_features} -> {lora.out_features} features, "
-            f"but the base model's {lora.name} maps {in_f} -> {out_f}: adapter and base model do not match"
-        )
+        return spec.num_experts, spec.hidden_size, spec.intermediate_size
 
 
 def derived_peft_config(adapter: Adapter, modules: dict[str, LoraModule]):
@@ -83,9 +83,13 @@ def load_peft_channel(model: nn.Module, adapter: Adapter, modules: dict[str, Lor
     from peft import PeftModel
 
     config = derived_peft_config(adapter, modules)
+    renamed = any(parse_peft_key(m.a_key).renamed for m in modules.values())
+    kwargs = {"key_mapping": PEFT_KEY_MAPPING} if renamed else {}  # drops KT wrapper segments (peft >= 0.17)
     with warnings.catch_warnings(record=True) as caught, _without_v5_moe_conversion(model):
         warnings.simplefilter("always")
-        peft_model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name=ADAPTER_NAME, config=config)
+        # torch_device="cpu": PEFT reads the whole file, routed-expert LoRA included; only its own tensors move on
+        peft_model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name=ADAPTER_NAME, config=config,
+                                               torch_device="cpu", **kwargs)
     for w in caught:
         if "missing adapter keys" in str(w.message):
             raise KTChatError(f"{adapter.weights.path}: PEFT did not load every adapter tensor: {w.message}")
@@ -131,9 +135,9 @@ def _verify_peft_loaded(peft_model, adapter: Adapter, modules: dict[str, LoraMod
 
 
 def load_moe_lora_from_adapter(model: nn.Module, adapter_path, *, arch: MoEArch | None = None) -> int:
-    """Loads the routed-expert LoRA of a PEFT adapter into the model's CPU experts (stacked KT layout).
+    """Loads the routed-expert LoRA of an adapter (any layout) into the model's CPU experts (stacked KT layout).
 
-    Returns the number of LoRA modules loaded. Validates everything before touching any layer.
+    Returns the number of expert LoRA modules loaded. Validates everything before touching any layer.
     """
     adapter = adapter_path if isinstance(adapter_path, Adapter) else read_adapter(adapter_path)
     if arch is None:
@@ -141,15 +145,14 @@ def load_moe_lora_from_adapter(model: nn.Module, adapter_path, *, arch: MoEArch 
 
         arch = arch_for(_config_of(model))
     _, routed = split_channels(adapter, arch.expert_path)
-    blocks = offloaded_blocks(model)
-    _check_routed(adapter, routed, blocks)
-    stacked = {
-        layer: stack_layer(adapter, layer, routed, block.experts.backend.spec.num_experts, block.experts.backend.spec.dtype)
-        for layer, block in blocks.items()
-    }
-    for layer, block in blocks.items():
+    shapes = ModelShapes(model)
+    check_channels(adapter, ({}, routed), shapes)
+    stacked = {layer: {} for layer in shapes.blocks}
+    for (layer, proj), lora in routed.items():
+        stacked[layer][proj] = lora.stack(shapes.blocks[layer].experts.backend.spec.dtype)
+    for layer, block in shapes.blocks.items():
         block.experts.backend.set_lora(stacked[layer])
-    return len(routed)
+    return sum(lora.num_experts for lora in routed.values())
 
 
 def _config_of(model: nn.Module):
