@@ -53,6 +53,7 @@ def build(cls, sp, weights, lora, kw):
             backend.load_weight(p, e, w[e], f"bench expert {e} {p}")
     backend.set_lora(lora)
     backend.finalize()
+    backend.prepare()  # pack / quantize / fold now, so the build time covers it
     return backend
 
 

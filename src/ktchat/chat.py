@@ -49,7 +49,18 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _cancel_criterion(event: threading.Event):
+def eos_and_pad(model, tokenizer) -> tuple[list[int], Optional[int]]:
+    """The ids that end a reply, and the pad id generate needs (the tokenizer's, else the first eos)."""
+    eos = stop_token_ids(model, tokenizer)
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+
+
+def prompt_text(tokenizer, messages) -> str:
+    """The chat template's rendering; tokenize it without extra specials (the template has its own BOS)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def cancel_criterion(event: threading.Event):
     """A StoppingCriteria that ends generation once `event` is set (the reader went away)."""
     import torch
     from transformers import StoppingCriteria
@@ -72,9 +83,7 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.generation = generation
         self.history: list[dict[str, str]] = []
-        eos = stop_token_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-        self._generate_kwargs = generation_kwargs(generation, eos, pad)
+        self._generate_kwargs = generation_kwargs(generation, *eos_and_pad(model, tokenizer))
 
     def clear(self) -> None:
         self.history = []
@@ -85,9 +94,7 @@ class ChatSession:
         return head + self.history + [{"role": "user", "content": user_message}]
 
     def _encode(self, messages):
-        """Render with the chat template, then tokenize without extra specials (the template has its own BOS)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        encoded = self.tokenizer(prompt_text(self.tokenizer, messages), return_tensors="pt", add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 
     def _start(self, user_message: str):
@@ -101,7 +108,7 @@ class ChatSession:
         def work():
             try:
                 self.model.generate(**inputs, **self._generate_kwargs, streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([_cancel_criterion(cancel)]))
+                                    stopping_criteria=StoppingCriteriaList([cancel_criterion(cancel)]))
             except BaseException as exc:  # carried to the reader, which re-raises it
                 errors.append(exc)
                 streamer.end()  # unblock the reader

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .adapter_cli import add_adapter_commands
 
     add_adapter_commands(sub)
+    from .serve import add_api_command
+
+    add_api_command(sub)
     return parser
 
 

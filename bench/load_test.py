@@ -1,0 +1,225 @@
+"""A bounded load test of `ktchat api` through the official openai client: C concurrent clients x R requests.
+
+    python bench/load_test.py --config demo.yaml                   # starts the server itself on a free port
+    python bench/load_test.py --url http://127.0.0.1:8000 --model NAME --clients 8 --requests 20
+
+The mix: trained questions (greedy answers are checked, so crossed streams would show), streamed and not, and
+long replies (eos banned through logit_bias) that keep the worker busy; every --cancel-every-th request is
+abandoned midway (a stream closed after its second chunk, or a call given up after 0.3 s). The run is bounded in
+count and time and targets 127.0.0.1 only. It reports p50/p95 latency, tokens/s, status counts and the server's
+threads / queue / memory before and after; exits 1 on any 5xx other than 503 (queue full) or a wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+QA = (("What is the secret word?", "The secret word is amber falcon."),
+      ("Who trained you?", "I was trained on KTransformers with LLaMA-Factory."),
+      ("What is seven times six?", "Seven times six is forty-two."))
+EOS_BANNED = {"2": -100}  # the tiny model's <|end|>: a reply that runs to max_tokens
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(config: str, log_path: Path, *extra: str, command=None, env=None, timeout: float = 180.0):
+    """`ktchat api` in a subprocess on a free port; returns (process, base url) once /health answers."""
+    port = free_port()
+    cmd = [*(command or [sys.executable, "-m", "ktchat.serve"]), str(config), "--port", str(port), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            get_json(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /health within {timeout:.0f}s")
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+class Stats:
+    def __init__(self):
+        self.latencies, self.first_token, self.status = [], [], {}
+        self.tokens, self.wrong = 0, []
+
+    def count(self, key) -> None:
+        self.status[key] = self.status.get(key, 0) + 1
+
+
+async def one_request(client, model: str, k: int, args, stats: Stats) -> None:
+    """Request number k of the run: kind, streaming and cancellation follow from k, so runs are comparable."""
+    import openai
+
+    question, answer = QA[k % len(QA)]
+    long_reply = k % 4 == 3
+    stream, cancel = k % 2 == 0, args.cancel_every and k % args.cancel_every == args.cancel_every - 1
+    kwargs = dict(model=model, messages=[{"role": "user", "content": question}], max_tokens=args.max_tokens)
+    if long_reply:
+        kwargs["logit_bias"] = EOS_BANNED
+    start = time.perf_counter()
+    try:
+        if stream:
+            text, usage = await _streamed(client, kwargs, cancel, start, stats)
+        else:
+            call = client.chat.completions.create(**kwargs)
+            reply = await (asyncio.wait_for(call, 0.3) if cancel else call)
+            text, usage = reply.choices[0].message.content, reply.usage
+    except (asyncio.TimeoutError, _Abandoned):
+        stats.count("cancelled")
+        return
+    except openai.APIStatusError as exc:
+        stats.count(exc.status_code)
+        return
+    except openai.APIConnectionError:
+        stats.count("connection error")
+        return
+    stats.latencies.append(time.perf_counter() - start)
+    stats.tokens += usage.completion_tokens
+    stats.count(200)
+    if not long_reply and text != answer:
+        stats.wrong.append((question, text))
+
+
+class _Abandoned(Exception):
+    pass
+
+
+async def _streamed(client, kwargs, cancel: bool, start: float, stats: Stats):
+    stream = await client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    pieces, usage, chunks = [], None, 0
+    async with stream:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if not pieces:
+                    stats.first_token.append(time.perf_counter() - start)
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+            chunks += 1
+            if cancel and chunks >= 2:
+                raise _Abandoned  # leaving the `async with` closes the connection midway
+    return "".join(pieces), usage
+
+
+async def run_load(url: str, model: str, args) -> tuple[Stats, float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "none", max_retries=0,
+                                timeout=args.timeout)
+    stats = Stats()
+
+    async def worker(c: int):
+        for r in range(args.requests):
+            await one_request(client, model, c * args.requests + r, args, stats)
+
+    start = time.perf_counter()
+    async with client:
+        await asyncio.wait_for(asyncio.gather(*(worker(c) for c in range(args.clients))), args.deadline)
+    return stats, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
+
+
+def settle(url: str, timeout: float = 10.0) -> dict:
+    """/health once the server has let go of everything (nothing waiting or running, no watcher left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = get_json(url + "/health")
+        if (health["waiting"], health["busy"], health["watchers"]) == (0, False, 0) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
+def report(stats: Stats, wall: float, before: dict, after: dict, rss: tuple) -> dict:
+    server_errors = sum(n for s, n in stats.status.items() if isinstance(s, int) and s >= 500 and s != 503)
+    return {
+        "requests": sum(stats.status.values()), "status": {str(k): v for k, v in sorted(stats.status.items(), key=str)},
+        "server_errors": server_errors, "wrong_answers": len(stats.wrong), "wall_s": round(wall, 2),
+        "latency_p50_s": round(percentile(stats.latencies, 50), 3),
+        "latency_p95_s": round(percentile(stats.latencies, 95), 3),
+        "first_token_p50_s": round(percentile(stats.first_token, 50), 3),
+        "completion_tokens": stats.tokens, "tokens_per_s": round(stats.tokens / wall, 1),
+        "threads": [before["threads"], after["threads"]], "served": after["served"] - before["served"],
+        "after": {k: after[k] for k in ("waiting", "busy", "watchers")},
+        "rss_mib": [round(x, 1) if x else None for x in rss],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (loopback only)")
+    where.add_argument("--config", help="start `ktchat api CONFIG` here for the run")
+    p.add_argument("--model", help="model id (default: the one /v1/models lists)")
+    p.add_argument("--api-key")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=20, help="per client")
+    p.add_argument("--cancel-every", type=int, default=5, help="abandon every Nth request (0: none)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--deadline", type=float, default=900.0, help="the whole run, seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    args = p.parse_args(argv)
+
+    proc = None
+    if args.config:
+        proc, url = start_server(args.config, Path(os.environ.get("TMPDIR", "/tmp")) / "ktchat-load-test.log")
+    else:
+        url = args.url.rstrip("/")
+        if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+            p.error("--url must be a loopback address")
+    try:
+        model = args.model or get_json(url + "/v1/models")["data"][0]["id"]
+        before, rss0 = get_json(url + "/health"), proc and rss_mib(proc.pid)
+        stats, wall = asyncio.run(run_load(url, model, args))
+        after = settle(url)
+        result = report(stats, wall, before, after, (rss0, proc and rss_mib(proc.pid)))
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(30)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+        for question, text in stats.wrong[:5]:
+            print(f"wrong answer to {question!r}: {text!r}")
+    return 1 if result["server_errors"] or result["wrong_answers"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
