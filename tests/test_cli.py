@@ -94,7 +94,7 @@ def test_chat_answers_trained_questions(tmp_path, tiny):
         assert answer in out, out
     assert out.index(a2) < out.index("History has been removed.") < out.index(a3)
     assert "ignored: lora_rank (taken from the adapter's own config)" in result.stderr
-    assert "template: default noted" in result.stderr
+    assert "template: default needs LLaMA-Factory, which is not installed" in result.stderr
 
 
 def test_chat_exits_0_at_end_of_input(tmp_path, tiny):
@@ -113,7 +113,7 @@ def test_demo_reuses_cache_and_answers(tiny):
         assert q in result.stdout
     assert answer in result.stdout.split(WELCOME, 1)[1]
     demo = yaml.safe_load((tiny.root / "demo.yaml").read_text())
-    assert demo["use_kt"] is True and demo["template"] == "default" and demo["max_new_tokens"] == 64
+    assert demo["use_kt"] is True and "template" not in demo and demo["max_new_tokens"] == 64
 
 
 def test_chat_session_keeps_history_and_reraises(tiny):

@@ -75,15 +75,21 @@ def cancel_criterion(event: threading.Event):
 class ChatSession:
     """Holds the conversation so far and turns each user message into a streamed assistant reply."""
 
-    def __init__(self, model, tokenizer, generation: GenerationArgs):
-        if not getattr(tokenizer, "chat_template", None):
+    def __init__(self, model, tokenizer, generation: GenerationArgs, template=None):
+        """`template`: a LLaMA-Factory template by name (integrations.llamafactory.LFTemplate) replacing the
+        tokenizer's chat template, as `llamafactory-cli chat` formats prompts."""
+        self.template = template
+        if template is None and not getattr(tokenizer, "chat_template", None):
             raise KTChatError("the tokenizer has no chat template: ktchat formats prompts with it "
                               "(add chat_template to tokenizer_config.json)")
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation
         self.history: list[dict[str, str]] = []
-        self._generate_kwargs = generation_kwargs(generation, *eos_and_pad(model, tokenizer))
+        eos, pad = eos_and_pad(model, tokenizer)
+        if template is not None:
+            eos = list(dict.fromkeys(eos + [int(i) for i in template.stop_token_ids]))
+        self._generate_kwargs = generation_kwargs(generation, eos, pad)
 
     def clear(self) -> None:
         self.history = []
@@ -94,6 +100,12 @@ class ChatSession:
         return head + self.history + [{"role": "user", "content": user_message}]
 
     def _encode(self, messages):
+        if self.template is not None:
+            import torch
+
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+            ids = self.template.encode(messages[1:] if system is not None else messages, system)
+            return {"input_ids": torch.tensor([ids], device=self.model.device)}
         encoded = self.tokenizer(prompt_text(self.tokenizer, messages), return_tensors="pt", add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 

@@ -25,16 +25,21 @@ WELCOME = "Welcome to the CLI application, use `clear` to remove the history, us
 def open_session(config: ChatConfig):
     """Load the model and adapter the config names and wrap them in a ChatSession."""
     from .chat import ChatSession
+    from .integrations.llamafactory import llamafactory_template
     from .model import load_model
 
     m = config.model
-    if m.template:
-        logger.info("template: %s noted; prompts use the tokenizer's own chat template", m.template)
     model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path,
                                   experts_backend=m.resolved_experts_backend, device=m.device, dtype=m.dtype,
                                   trust_remote_code=m.trust_remote_code, moe_lora=m.moe_lora,
                                   kt_method=m.kt_method, num_threads=m.kt_num_threads)
-    return ChatSession(model, tokenizer, config.generation)
+    template = llamafactory_template(tokenizer, m.template) if m.template else None
+    if m.template and template is None:
+        logger.info("template: %s needs LLaMA-Factory, which is not installed; prompts use the tokenizer's own "
+                    "chat template", m.template)
+    elif template is not None:
+        logger.info("template: %s (LLaMA-Factory's)", m.template)
+    return ChatSession(model, tokenizer, config.generation, template=template)
 
 
 def _read_query() -> str | None:
@@ -85,7 +90,6 @@ def write_demo_config(paths, root: Path) -> Path:
     settings = {
         "model_name_or_path": str(paths.model),
         "adapter_name_or_path": str(paths.adapter),
-        "template": "default",
         "infer_backend": "huggingface",
         "use_kt": True,
         "do_sample": False,

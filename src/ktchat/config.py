@@ -21,6 +21,8 @@ from .errors import KTChatError
 logger = logging.getLogger(__name__)
 
 INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
+# Served by ktchat with use_kt: LLaMA-Factory-KT's own inference YAMLs say ktransformers.
+KT_SERVED_BACKENDS = ("huggingface", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
 INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MOE_LORA_MODES = ("exact", "merged")
@@ -144,10 +146,10 @@ class ModelArgs:
 
     def _check_kt(self) -> None:
         """use_kt means our CPU experts inside transformers, so it cannot combine with another engine."""
-        if self.use_kt and self.infer_backend != "huggingface":
+        if self.use_kt and self.infer_backend not in KT_SERVED_BACKENDS:
             raise KTChatError(f"use_kt: true needs infer_backend: huggingface (got {self.infer_backend!r}): "
                               "ktchat runs the routed experts on the CPU through transformers")
-        if self.infer_backend != "huggingface":
+        if self.infer_backend not in KT_SERVED_BACKENDS:
             logger.warning("ignored: infer_backend: %s (ktchat always generates through transformers)",
                            self.infer_backend)
         if not self.use_kt and self.experts_backend == "kt":
@@ -216,8 +218,15 @@ def _resolve_aliases(raw: dict) -> dict:
 
 
 def _check_unknown(keys) -> None:
+    """Unknown keys are errors naming them, except LLaMA-Factory-KT's ever-growing kt_* family: those are logged
+    as ignored, unless one is a near-miss of a key ktchat reads (a typo must not be ignored)."""
     known = _MODEL_KEYS | _GENERATION_KEYS | set(ALIASES) | set(IGNORED_KEYS)
     unknown = sorted(set(keys) - known)
+    foreign_kt = [k for k in unknown if k.startswith("kt_") and not difflib.get_close_matches(k, known, n=1, cutoff=0.85)]
+    if foreign_kt:
+        logger.info("ignored: %s (LLaMA-Factory KT settings: ktchat reads the adapter and places the routed experts "
+                    "itself)", ", ".join(foreign_kt))
+    unknown = [k for k in unknown if k not in foreign_kt]
     if not unknown:
         return
     hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k for k in unknown]

@@ -1,0 +1,31 @@
+"""Imported at interpreter start by ktchat-llamafactory.pth; registers the LLaMA-Factory hook and nothing else.
+
+Cheap by design (a few milliseconds: no torch, no logging): it only puts a finder on sys.meta_path that wakes up
+when one of LLaMA-Factory's chat modules is imported, and imports the hook itself then. Never raises: Python
+must start whatever happens here (KTCHAT_DEBUG=1 prints what went wrong). KTCHAT_LLAMAFACTORY_HOOK=0 turns it off.
+"""
+
+import os
+
+# The keys of ktchat.integrations.llamafactory.hook.HOOKS (a test keeps the two equal).
+MODULES = ("llamafactory.chat.chat_model", "llamafactory.chat.hf_engine", "llamafactory.train.tuner")
+OFF_VALUES = ("0", "false", "off", "no")
+
+
+def _patch(module) -> None:
+    from .llamafactory.hook import patch_module
+
+    patch_module(module)
+
+
+if os.environ.get("KTCHAT_LLAMAFACTORY_HOOK", "1").strip().lower() not in OFF_VALUES:
+    try:
+        from .importhook import when_imported
+
+        for _name in MODULES:
+            when_imported(_name, _patch)
+    except Exception:  # noqa: BLE001 - a broken hook must not stop every Python program in this environment
+        if os.environ.get("KTCHAT_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
