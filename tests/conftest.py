@@ -54,3 +54,20 @@ def reference_without_expert_lora(tiny):
 
     out = tiny.root / "merged-no-expert-lora"
     return load_reference(merge_by_hand(tiny.model, tiny.adapter, out, keep=lambda m: not is_routed_expert(m)))
+
+
+@pytest.fixture(scope="session")
+def tiny_family():
+    """family name -> that family's tiny model + trained adapter, cached beside `tiny` (.cache/tiny-<family>)."""
+    from ktchat.tiny import build_tiny
+
+    root = Path(os.environ.get("KTCHAT_TEST_CACHE", REPO / ".cache" / "tiny"))
+    built = {}
+
+    def build(name: str):
+        if name not in built:
+            where = root if name == "deepseek_v2" else root.with_name(f"{root.name}-{name}")  # DeepSeek-V2: `tiny`
+            built[name] = build_tiny(where, family=name)
+        return built[name]
+
+    return build

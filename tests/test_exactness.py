@@ -75,3 +75,19 @@ def test_reference_agrees_with_peft_under_transformers_4(tiny, reference, prompt
     peft_model = PeftModel.from_pretrained(base, str(tiny.adapter)).eval()
     for ids in prompts:
         assert rel_err(logits(peft_model, ids), logits(reference, ids)) < 1e-5
+
+
+def test_remote_code_folders_run_on_the_native_implementation(tiny, reference, prompts, tmp_path):
+    """Real DeepSeek folders ship remote code (auto_map); KT mode needs transformers' own module names."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny.model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
+                          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"}  # files absent
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(model_dir, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE,
+                          trust_remote_code=True)
+    assert rel_err(logits(model, prompts[0]), logits(reference, prompts[0])) < FP32_BOUND

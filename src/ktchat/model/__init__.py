@@ -26,36 +26,47 @@ def load_model(
     moe_lora: str | None = None,
     kt_method: str | None = None,
     num_threads: int | None = None,
+    device_map=None,
 ):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
     Returns (model, tokenizer); the model is called like any transformers causal LM. moe_lora ("exact" |
     "merged"), kt_method ("bf16" | "int8" | "int4") and num_threads tune the CPU experts backend.
+    device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
+    device_map may also be a dict {module name: device}.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from ..adapter import read_adapter
     from ..experts import backend_factory
-    from .loader import build_skeleton, load_checkpoint, resolve_device, resolve_dtype
+    from .loader import build_skeleton, load_checkpoint, resolve_dtype
+    from .placement import describe, dispatch, plan_placement
 
     start = time.perf_counter()
     model_dir = _local_dir(model_name_or_path, "model_name_or_path")
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        # transformers' own implementation of the family, even where the folder ships remote code (auto_map):
+        # ktchat replaces its MoE blocks and relies on its module names.
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise KTChatError(f"{model_dir}: cannot read config.json ({exc})") from None
     arch = arch_for(config)
+    if trust_remote_code and getattr(config, "auto_map", None):
+        logger.info("trust_remote_code: the model runs on transformers' native %s (remote code is used for the "
+                    "tokenizer only)", config.model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise KTChatError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    device, dtype = resolve_device(device), resolve_dtype(dtype, config)
+    dtype = resolve_dtype(dtype, config)
     make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads)
     adapter = read_adapter(_local_dir(adapter_name_or_path, "adapter_name_or_path")) if adapter_name_or_path else None
 
     skeleton = build_skeleton(config, arch, make_backend, dtype)
+    placement = plan_placement(skeleton.model, device, device_map, dtype)
     plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
-    load_checkpoint(skeleton, model_dir, device, dtype)
+    load_checkpoint(skeleton, model_dir, placement, dtype)
+    dispatch(skeleton.model, placement)
     model = skeleton.model.eval()
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
@@ -66,7 +77,7 @@ def load_model(
         n_routed = load_moe_lora_from_adapter(model, adapter, arch=arch)
         logger.info(
             "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
-            adapter.path, len(peft_modules), device, n_routed,
+            adapter.path, len(peft_modules), describe(placement), n_routed,
         )
     backend_name = ""
     for block in skeleton.moe_blocks.values():
@@ -75,7 +86,7 @@ def load_model(
     logger.info(
         "loaded %s in %.1fs: %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
         model_dir.name, time.perf_counter() - start, len(skeleton.moe_blocks), backend_name,
-        str(dtype).removeprefix("torch."), device,
+        str(dtype).removeprefix("torch."), describe(placement),
     )
     return model, tokenizer
 

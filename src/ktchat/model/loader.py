@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
+from .placement import placement_of
 from .registry import MoEArch
 
 logger = logging.getLogger(__name__)
@@ -35,18 +36,6 @@ def resolve_dtype(dtype, config) -> torch.dtype:
     return _DTYPES[name]
 
 
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise KTChatError(f"device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KTChatError(f"device {device} requested but CUDA is not available")
-    return device
-
-
 @dataclass(frozen=True)
 class Skeleton:
     model: nn.Module
@@ -61,21 +50,62 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    num_experts, top_k, inter = arch.spec_sizes(config)
     blocks = {}
     for idx, layer in enumerate(model.get_submodule(arch.layers_path)):
-        block = getattr(layer, arch.moe_attr)
-        if not hasattr(block, arch.experts_attr):
-            continue  # a dense layer
-        spec = ExpertsSpec(idx, num_experts, top_k, config.hidden_size, inter, dtype, config.hidden_act)
-        with torch.device("meta"):
-            gate = Router(config.hidden_size, num_experts, bias=False, dtype=torch.float32)
-        shared = getattr(block, arch.shared_experts_attr, None) if arch.shared_experts_attr else None
-        blocks[idx] = OffloadedMoE(idx, gate, shared, CPUExperts(make_backend(spec)), arch.route, config)
-        setattr(layer, arch.moe_attr, blocks[idx])
+        block = install_block(layer, arch)
+        if hasattr(block, arch.experts_attr):  # else a dense layer
+            blocks[idx] = _offloaded(idx, block, arch, config, make_backend, dtype)
+            install_block(layer, arch, blocks[idx])
     if not blocks:
         raise KTChatError(f"{config.model_type}: the model has no MoE layers to offload")
+    arch.patch_model(model, config)
     return Skeleton(model, arch, blocks)
+
+
+def _offloaded(idx: int, block: nn.Module, arch: MoEArch, config, make_backend, dtype) -> OffloadedMoE:
+    import transformers
+
+    num_experts, top_k, inter = arch.spec_sizes(config)
+    spec = ExpertsSpec(idx, num_experts, top_k, config.hidden_size, inter, dtype, config.hidden_act)
+    with torch.device("meta"):
+        router = Router(config.hidden_size, num_experts, arch.router_buffers)
+    shared, gate = (getattr(block, a) if a else None for a in (arch.shared_experts_attr, arch.shared_gate_attr))
+    v4 = transformers.__version__.startswith("4.")
+    return OffloadedMoE(idx, arch, config, router, CPUExperts(make_backend(spec)), shared, gate,
+                        return_router_logits=arch.tuple_output_v4 and v4)
+
+
+def install_block(layer: nn.Module, arch: MoEArch, block: nn.Module | None = None) -> nn.Module:
+    """Returns the layer's MoE/MLP block, moved (or replaced by `block`) under the checkpoint's name `arch.moe_attr`.
+
+    Where the running transformers calls it otherwise (Mixtral's `mlp` in 5.x for `block_sparse_moe`), the layer's
+    class gets that name as a read-only alias, so its forward still finds the block and every module path matches
+    the checkpoint and per-expert adapters in both majors.
+    """
+    names = (arch.moe_attr, *arch.moe_attr_aliases)
+    current = next((n for n in names if n in layer._modules), None)
+    if current is None:
+        raise KTChatError(f"{type(layer).__name__} has none of the MoE block names {names}: transformers changed it")
+    items = list(layer._modules.items())
+    layer._modules.clear()  # rebuilt in the same order, the block renamed and/or replaced
+    for name, module in items:
+        if name == current:
+            name, module = arch.moe_attr, (module if block is None else block)
+        layer._modules[name] = module
+    if current != arch.moe_attr:
+        layer.__class__ = _aliased(type(layer), current, arch.moe_attr)
+    return layer._modules[arch.moe_attr]
+
+
+_ALIASED: dict[tuple[type, str, str], type] = {}
+
+
+def _aliased(cls: type, alias: str, target: str) -> type:
+    key = (cls, alias, target)
+    if key not in _ALIASED:
+        _ALIASED[key] = type(cls.__name__, (cls,), {alias: property(lambda self: getattr(self, target)),
+                                                      "__module__": cls.__module__})
+    return _ALIASED[key]
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -99,26 +129,32 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     raise KTChatError(f"{model_dir}: no safetensors checkpoint found (model.safetensors or model.safetensors.index.json)")
 
 
-def load_checkpoint(skeleton: Skeleton, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty."""
+def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype) -> None:
+    """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty.
+
+    `placement` is a device, or {module name: device} (a device map; "" is the whole model).
+    """
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     model, arch = skeleton.model, skeleton.arch
+    where_is = placement_of(placement)
     expert_keys = {
         arch.expert_weight_key(layer, e, proj): (layer, e, proj)
         for layer, block in skeleton.moe_blocks.items()
-        for e in range(block.experts.backend.spec.num_experts)
+        for e in range(block.cpu_experts.backend.spec.num_experts)
         for proj in ("gate", "up", "down")
     }
     params = dict(model.named_parameters())
-    buffers = {name for name, _ in model.named_buffers()}
-    keep_fp32 = _fp32_param_names(model)
+    buffers = dict(model.named_buffers())
+    derived = set(buffers) - set(model.state_dict())  # non-persistent (rotary tables): computed, never loaded
+    tensors = {**params, **{n: b for n, b in buffers.items() if n not in derived}}
+    keep_fp32 = _fp32_names(model)
     files = checkpoint_files(model_dir)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
-    loaded = set()
+    loaded, skipped = set(), {}
     with tqdm(total=len(files), desc="Loading weights", unit="tensor", disable=None) as bar:
         for file, names in by_file.items():
             try:
@@ -130,31 +166,45 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, device: torch.device, d
                     where = f"{file.name}: {name}"
                     if name in expert_keys:
                         layer, e, proj = expert_keys[name]
-                        backend = skeleton.moe_blocks[layer].experts.backend
+                        backend = skeleton.moe_blocks[layer].cpu_experts.backend
                         backend.load_weight(proj, e, f.get_tensor(name).to(dtype), where)
-                    elif name in params:
+                    elif name in tensors:
                         target = torch.float32 if name in keep_fp32 else dtype
-                        _assign(model, name, params[name], f.get_tensor(name), device, target, where)
-                    elif name not in buffers:
+                        _assign(model, name, tensors[name], f.get_tensor(name), where_is(name), target, where)
+                    elif name in derived:
+                        pass
+                    elif (reason := arch.skip_tensor(name, model.config)) is not None:
+                        skipped.setdefault(reason, []).append(name)
+                    else:
                         raise KTChatError(f"{where}: checkpoint tensor does not belong to the model")
                     loaded.add(name)
                     bar.update(1)
+    for reason, names in skipped.items():
+        logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
     for block in skeleton.moe_blocks.values():
-        block.experts.backend.finalize()
+        block.cpu_experts.backend.finalize()
     _tie_or_fail(model, loaded, params)
-    for module in model.modules():
+    for mname, module in model.named_modules():
         for bname, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                raise KTChatError(f"checkpoint is missing {mname}.{bname}, which the model needs")
             if buf is not None:
-                module._buffers[bname] = buf.to(device)
+                module._buffers[bname] = buf.to(where_is(f"{mname}.{bname}"))
 
 
-def _fp32_param_names(model) -> set[str]:
-    """Parameters the family keeps in fp32 whatever the dtype: our routers and `_keep_in_fp32_modules`."""
+def _layers_of(names: list[str]) -> str:
+    layers = sorted({n.split(".")[2] for n in names if n.startswith("model.layers.")}, key=int)
+    return f"model.layers.{','.join(layers)}" if layers else ", ".join(names[:3])
+
+
+def _fp32_names(model) -> set[str]:
+    """Tensors the family keeps in fp32 whatever the dtype: our routers' and `_keep_in_fp32_modules`."""
     marks = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     names = set()
     for mname, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
+        own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        for tname in own:
+            full = f"{mname}.{tname}" if mname else tname
             if isinstance(module, Router) or any(m in full.split(".") for m in marks):
                 names.add(full)
     return names
@@ -162,10 +212,15 @@ def _fp32_param_names(model) -> set[str]:
 
 def _assign(model, name, param, tensor, device, dtype, where) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
-        raise KTChatError(f"{where}: shape {list(tensor.shape)} does not fit the model config (expected {list(param.shape)})")
-    module_name, _, pname = name.rpartition(".")
+        raise KTChatError(f"{where}: shape {list(tensor.shape)} does not fit the model config "
+                          f"(expected {list(param.shape)})")
+    module_name, _, tname = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[pname] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+    tensor = tensor.to(device=device, dtype=dtype)
+    if tname in module._buffers:
+        module._buffers[tname] = tensor
+    else:
+        module._parameters[tname] = nn.Parameter(tensor, requires_grad=False)
 
 
 def _tie_or_fail(model, loaded: set[str], params: dict) -> None:

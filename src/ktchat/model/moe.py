@@ -12,7 +12,16 @@ _CPU = torch.device("cpu")
 
 
 class Router(nn.Linear):
-    """The expert router, kept in fp32 as the families compute it; an nn.Linear so PEFT can target it."""
+    """The expert router, kept in fp32 as the families compute it; an nn.Linear so PEFT can target it.
+
+    Holds the fp32 [E] buffers some families' routing reads (DeepSeek-V3's e_score_correction_bias) under the
+    checkpoint's names, so they load like any other tensor.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, buffers: tuple[str, ...] = ()):
+        super().__init__(hidden_size, num_experts, bias=False, dtype=torch.float32)
+        for name in buffers:
+            self.register_buffer(name, torch.zeros(num_experts, dtype=torch.float32))
 
 
 class CPUExperts(nn.Module):
@@ -41,7 +50,7 @@ class CPUExperts(nn.Module):
                        for name, t in (("x", x), ("ids", topk_ids), ("weights", topk_weights)))
         if self._event is None:
             self._event = torch.cuda.Event()
-        self._event.record()
+        self._event.record(torch.cuda.current_stream(x.device))  # the copies' stream: layers may sit on other GPUs
         return staged, self._event
 
     def finish(self, staged, like: torch.Tensor) -> torch.Tensor:
@@ -65,7 +74,8 @@ class CPUExperts(nn.Module):
 
 
 class OffloadedMoE(nn.Module):
-    """gate (router) -> top-k -> CPU experts, plus shared experts; keeps the family's submodule names.
+    """router -> top-k -> CPU experts, plus shared experts (optionally sigmoid-gated); keeps the family's submodule
+    names (from its `MoEArch`), so checkpoint and adapter names apply unchanged.
 
     With `overlap` (the default), the shared experts are queued on the GPU after the copies to the CPU, so
     they run while the CPU computes the routed experts.
@@ -73,25 +83,49 @@ class OffloadedMoE(nn.Module):
 
     overlap = True
 
-    def __init__(self, layer_idx: int, gate: Router, shared_experts: nn.Module | None, experts: CPUExperts, route, config):
+    def __init__(self, layer_idx: int, arch, config, router: Router, experts: CPUExperts,
+                 shared_experts: nn.Module | None = None, shared_gate: nn.Module | None = None,
+                 return_router_logits: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
-        self.gate = gate
-        self.experts = experts
-        if shared_experts is not None:
-            self.shared_experts = shared_experts
-        self._route = route
+        self._names = (arch.router_attr, arch.experts_attr, arch.shared_experts_attr, arch.shared_gate_attr)
+        for name, module in zip(self._names, (router, experts, shared_experts, shared_gate)):
+            if module is not None:
+                self.add_module(name, module)
+        self._route = arch.route
         self._config = config
+        self.return_router_logits = return_router_logits  # transformers 4.x Mixtral/Qwen layers unpack a tuple
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    @property
+    def router(self) -> nn.Module:
+        return self._modules[self._names[0]]
+
+    @property
+    def cpu_experts(self) -> CPUExperts:
+        return self._modules[self._names[1]]
+
+    def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        weights, ids = self._route(self.gate(x.float()), self._config)
-        shared = getattr(self, "shared_experts", None)
+        router = self.router
+        logits = router(x.float())
+        base = router.get_base_layer() if hasattr(router, "get_base_layer") else router  # PEFT may wrap it
+        weights, ids = self._route(logits, base, self._config)
+        out = self._experts_and_shared(x, ids, weights).view(shape)
+        return (out, logits) if self.return_router_logits else out
+
+    def _experts_and_shared(self, x, ids, weights):
+        experts = self.cpu_experts
+        shared = self._modules.get(self._names[2])
         if shared is None:
-            return self.experts(x, ids, weights).view(shape)
+            return experts(x, ids, weights)
         if self.overlap:
-            staged = self.experts.stage(x, ids, weights)
-            shared_out = shared(x)
-            return (self.experts.finish(staged, x) + shared_out).view(shape)
-        return (self.experts(x, ids, weights) + shared(x)).view(shape)
+            staged = experts.stage(x, ids, weights)
+            shared_out = self._shared(shared, x)  # queued on the GPU before finish() waits for the CPU
+            return experts.finish(staged, x) + shared_out
+        return experts(x, ids, weights) + self._shared(shared, x)
+
+    def _shared(self, shared: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = shared(x)
+        gate = self._modules.get(self._names[3])
+        return out if gate is None else torch.sigmoid(gate(x)) * out

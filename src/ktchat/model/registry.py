@@ -1,10 +1,13 @@
 """One entry per MoE family: where its MoE block is, how its router picks experts, how experts are named.
 
-Adding a model family is adding one `MoEArch` to `ARCHS`.
+Adding a model family is adding one `MoEArch` to `ARCHS`. The routing functions reproduce transformers' own
+math (read in both 4.57 and 5.x); the end-to-end tests compare against plain transformers to keep them honest.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -14,23 +17,44 @@ import torch
 from ..adapter import ExpertPath
 from ..errors import KTChatError
 
-RouteFn = Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+logger = logging.getLogger(__name__)
+
+# (fp32 router logits [T, E], the base Router module (its fp32 buffers), config) -> (weights [T, k] fp32, ids [T, k])
+RouteFn = Callable[[torch.Tensor, torch.nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _no_check(config) -> None:
+    pass
+
+
+def _no_skip(name: str, config) -> str | None:
+    return None
+
+
+def _no_patch(model, config) -> None:
+    pass
 
 
 @dataclass(frozen=True)
 class MoEArch:
     model_type: str
-    route: RouteFn  # fp32 router logits [T, E], config -> (weights [T, k] fp32, ids [T, k] int64)
-    check_config: Callable[[object], None]
+    route: RouteFn
     num_experts_attr: str
     top_k_attr: str
     moe_intermediate_attr: str
+    check_config: Callable[[object], None] = _no_check
     layers_path: str = "model.layers"
-    moe_attr: str = "mlp"
+    moe_attr: str = "mlp"  # the MoE block's name in checkpoints and per-expert adapters
+    moe_attr_aliases: tuple[str, ...] = ()  # what a transformers major calls it instead (kept as an alias)
     router_attr: str = "gate"
-    shared_experts_attr: str | None = "shared_experts"
+    router_buffers: tuple[str, ...] = ()  # fp32 [E] buffers of the router, read by `route`, loaded from the checkpoint
+    shared_experts_attr: str | None = None
+    shared_gate_attr: str | None = None  # a Linear [1, H]: shared experts' output is scaled by sigmoid(gate(x))
     experts_attr: str = "experts"
     proj_names: tuple[tuple[str, str], ...] = (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))
+    tuple_output_v4: bool = False  # under transformers 4.x the block returns (hidden, router_logits)
+    skip_tensor: Callable[[str, object], str | None] = _no_skip  # why a checkpoint tensor has no place in the model
+    patch_model: Callable[[torch.nn.Module, object], None] = _no_patch  # corrections to transformers' own model
 
     def spec_sizes(self, config) -> tuple[int, int, int]:
         return (
@@ -41,8 +65,11 @@ class MoEArch:
 
     @property
     def expert_path(self) -> ExpertPath:
+        """Routed-expert module paths, under the checkpoint's block name or any alias (adapters use either)."""
         names = "|".join(re.escape(n) for n, _ in self.proj_names)
-        pattern = rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.{self.moe_attr}\.{self.experts_attr}\.(?P<expert>\d+)\.(?P<proj>{names})"
+        blocks = "|".join(re.escape(b) for b in (self.moe_attr, *self.moe_attr_aliases))
+        pattern = (rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{self.experts_attr}"
+                   rf"\.(?P<expert>\d+)\.(?P<proj>{names})")
         return ExpertPath(re.compile(pattern), dict(self.proj_names))
 
     def expert_weight_key(self, layer: int, expert: int, proj: str) -> str:
@@ -50,8 +77,11 @@ class MoEArch:
         return f"{self.layers_path}.{layer}.{self.moe_attr}.{self.experts_attr}.{expert}.{name}.weight"
 
 
-def _deepseek_v2_route(logits: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts, greedy or group-limited top-k, then the routed scaling factor (DeepSeek-V2)."""
+# --- routing -------------------------------------------------------------------------------------------------------
+
+
+def _deepseek_v2_route(logits: torch.Tensor, router, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, greedy or group-limited (max per group) top-k, then the routed scaling factor."""
     scores = logits.softmax(dim=-1, dtype=torch.float32)
     k = config.num_experts_per_tok
     if config.topk_method == "group_limited_greedy":
@@ -65,6 +95,43 @@ def _deepseek_v2_route(logits: torch.Tensor, config) -> tuple[torch.Tensor, torc
     return weights * config.routed_scaling_factor, ids
 
 
+def _deepseek_v3_route(logits: torch.Tensor, router, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores; experts chosen on score + e_score_correction_bias within the topk_group groups of highest
+    top-2 sum; weights are the unbiased scores, normalised if norm_topk_prob, times routed_scaling_factor.
+
+    Groups left out are masked with -inf as in transformers 5 and DeepSeek's own inference code (transformers 4.57
+    masks with 0.0, which differs only where a kept expert's biased score is negative).
+    """
+    scores = logits.sigmoid()
+    choice = scores + router.e_score_correction_bias
+    n, e = choice.shape
+    g = config.n_group
+    group_scores = choice.view(n, g, e // g).topk(2, dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, config.topk_group, dim=-1).indices, 1.0)
+    choice = choice.masked_fill(~keep.bool().repeat_interleave(e // g, dim=1), float("-inf"))
+    ids = torch.topk(choice, k=config.num_experts_per_tok, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor, ids
+
+
+def _softmax_topk(norm_attr: str | None) -> RouteFn:
+    """Softmax over all experts, top-k, renormalised over the k if `config.<norm_attr>` (always if None: Mixtral's
+    softmax over the top-k logits)."""
+
+    def route(logits: torch.Tensor, router, config) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = torch.topk(logits.softmax(dim=-1, dtype=torch.float32), config.num_experts_per_tok, dim=-1)
+        if norm_attr is None or getattr(config, norm_attr):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    return route
+
+
+# --- config checks, checkpoint extras, model patches ----------------------------------------------------------------
+
+
 def _check_deepseek_v2(config) -> None:
     method = getattr(config, "topk_method", "greedy")
     if method not in ("greedy", "group_limited_greedy"):
@@ -73,15 +140,75 @@ def _check_deepseek_v2(config) -> None:
         raise KTChatError("config.json: n_routed_experts must be divisible by n_group")
 
 
+def _check_deepseek_v3(config) -> None:
+    """transformers' DeepseekV3 always routes as noaux_tc with sigmoid scores: refuse configs that say otherwise."""
+    for key, allowed in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        value = getattr(config, key, None)
+        if value not in (None, allowed):
+            raise KTChatError(f"config.json: {key} {value!r} is not supported for deepseek_v3 (only {allowed!r})")
+    e, g, k = config.n_routed_experts, config.n_group, config.num_experts_per_tok
+    if e % g or e // g < 2 or config.topk_group * (e // g) < k:
+        raise KTChatError(f"config.json: n_routed_experts {e}, n_group {g}, topk_group {config.topk_group} cannot "
+                          f"route {k} experts per token (groups of >= 2 experts, topk_group * group size >= k)")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _mtp_layer(name: str, config) -> str | None:
+    """DeepSeek-V3 checkpoints append num_nextn_predict_layers multi-token-prediction layers after the last decoder
+    layer; transformers' model has no MTP head, so their tensors are skipped (and logged)."""
+    m = _LAYER.match(name)
+    n, extra = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
+    if m and n <= int(m[1]) < n + extra:
+        return (f"multi-token-prediction layer (num_nextn_predict_layers={extra}), which transformers' "
+                f"{type(config).__name__.removesuffix('Config')} has no module for")
+    return None
+
+
+def _yarn_mscale_scaling(model, config) -> None:
+    """DeepSeek's YaRN scales attention logits by mscale(factor, mscale_all_dim)^2 on top of 1/sqrt(qk_head_dim).
+
+    transformers 5.x (and DeepSeek's remote code) apply it; 4.57's native DeepseekV2 omits it (0.1443 instead of
+    0.2294 on DeepSeek-V2-Lite). Sets every attention's `scaling` to the right value and logs what it changed.
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    if kind not in (None, "default") and rope.get("mscale_all_dim") and rope.get("factor", 1) > 1:
+        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
+        scale *= mscale * mscale
+    fixed = 0
+    for layer in model.get_submodule("model.layers"):
+        attn = layer.self_attn
+        if not math.isclose(attn.scaling, scale, rel_tol=1e-12):
+            attn.scaling, fixed = scale, fixed + 1
+    if fixed:
+        import transformers
+
+        logger.info("transformers %s omits the YaRN mscale^2 attention factor: attention scaling set to %.6g on %d "
+                    "layers", transformers.__version__, scale, fixed)
+
+
+# --- the families --------------------------------------------------------------------------------------------------
+
+_DEEPSEEK = dict(num_experts_attr="n_routed_experts", top_k_attr="num_experts_per_tok",
+                 moe_intermediate_attr="moe_intermediate_size", shared_experts_attr="shared_experts",
+                 patch_model=_yarn_mscale_scaling)
+_QWEN = dict(num_experts_attr="num_experts", top_k_attr="num_experts_per_tok",
+             moe_intermediate_attr="moe_intermediate_size", route=_softmax_topk("norm_topk_prob"), tuple_output_v4=True)
+
 ARCHS: dict[str, MoEArch] = {
-    "deepseek_v2": MoEArch(
-        model_type="deepseek_v2",
-        route=_deepseek_v2_route,
-        check_config=_check_deepseek_v2,
-        num_experts_attr="n_routed_experts",
-        top_k_attr="num_experts_per_tok",
-        moe_intermediate_attr="moe_intermediate_size",
-    ),
+    "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2, **_DEEPSEEK),
+    "deepseek_v3": MoEArch("deepseek_v3", _deepseek_v3_route, check_config=_check_deepseek_v3,
+                           router_buffers=("e_score_correction_bias",), skip_tensor=_mtp_layer, **_DEEPSEEK),
+    "qwen2_moe": MoEArch("qwen2_moe", shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
+                         **_QWEN),
+    "qwen3_moe": MoEArch("qwen3_moe", **_QWEN),
+    "mixtral": MoEArch("mixtral", _softmax_topk(None), num_experts_attr="num_local_experts",
+                       top_k_attr="num_experts_per_tok", moe_intermediate_attr="intermediate_size",
+                       moe_attr="block_sparse_moe", moe_attr_aliases=("mlp",), tuple_output_v4=True,
+                       proj_names=(("w1", "gate"), ("w3", "up"), ("w2", "down"))),
 }
 
 

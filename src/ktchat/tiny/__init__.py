@@ -1,9 +1,10 @@
-"""An offline, deterministic tiny DeepSeek-V2 checkpoint + tokenizer + trained per-expert LoRA adapter.
+"""An offline, deterministic tiny MoE checkpoint + tokenizer + trained per-expert LoRA adapter, per family.
 
 Tests and the demo chat need a real model folder and a real KT-style adapter without any hub access:
-`build_tiny(root)` makes both in seconds on a CPU and caches them under `root` (stamped with a hash of
-the recipe sources, built in a temp folder and moved into place, so a killed build leaves nothing
-that looks complete). Importing this package does not import torch.
+`build_tiny(root, family=...)` makes both in seconds on a CPU and caches them under `root` (stamped with
+a hash of the recipe sources, built in a temp folder and moved into place, so a killed build leaves
+nothing that looks complete). DeepSeek-V2 is the default (and the demo); `FAMILY_NAMES` lists the rest.
+Importing this package does not import torch.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import RECIPE_VERSION, SEED, TRAINED_QA
+from .families import FAMILIES, family as family_recipe
+from .recipe import SEED, TRAINED_QA
 
-__all__ = ["build_tiny", "TinyPaths", "TRAINED_QA"]
+__all__ = ["build_tiny", "FAMILY_NAMES", "TinyPaths", "TRAINED_QA"]
+
+FAMILY_NAMES = tuple(FAMILIES)
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +43,9 @@ class TinyPaths:
     adapter: Path
 
 
-def _recipe_hash() -> str:
-    """sha256 over this package's sources: any edit to the recipe or the build code invalidates caches."""
-    h = hashlib.sha256(RECIPE_VERSION.encode())
+def _recipe_hash(family: str = "deepseek_v2") -> str:
+    """sha256 over the family's recipe version and this package's sources: any edit invalidates caches."""
+    h = hashlib.sha256(family_recipe(family).version.encode())
     for src in sorted(Path(__file__).parent.glob("*.py")):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()
@@ -78,14 +82,15 @@ def _deterministic():
         torch.set_num_threads(threads)
 
 
-def _build_into(tmp: Path, final_root: Path) -> None:
+def _build_into(tmp: Path, final_root: Path, family: str = "deepseek_v2") -> None:
     from . import checkpoint, train
 
     t0 = time.monotonic()
+    recipe = family_recipe(family)
     with _deterministic():
-        checkpoint.write_model_dir(tmp / "model")
-        logger.info("tiny model written in %.1fs", time.monotonic() - t0)
-        train.train_adapter(tmp / "model", tmp / "adapter", str(final_root / "model"))
+        checkpoint.write_model_dir(tmp / "model", recipe)
+        logger.info("tiny %s model written in %.1fs", family, time.monotonic() - t0)
+        train.train_adapter(tmp / "model", tmp / "adapter", str(final_root / "model"), recipe)
     logger.info("tiny build done in %.1fs", time.monotonic() - t0)
 
 
@@ -97,15 +102,15 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def build_tiny(root: str | os.PathLike, *, force: bool = False) -> TinyPaths:
-    """Builds (or reuses) the tiny model + adapter under `root`; returns their paths.
+def build_tiny(root: str | os.PathLike, *, family: str = "deepseek_v2", force: bool = False) -> TinyPaths:
+    """Builds (or reuses) the tiny model + adapter of `family` (a model_type) under `root`; returns their paths.
 
     Idempotent: a complete build with a matching stamp is returned at once unless `force`.
     Concurrent callers on the same root are serialised by a lock file.
     """
     root = Path(root).resolve()
     paths = TinyPaths(root=root, model=root / "model", adapter=root / "adapter")
-    recipe_hash = _recipe_hash()
+    recipe_hash = _recipe_hash(family)
     if not force and _is_complete(root, recipe_hash):
         return paths
     root.mkdir(parents=True, exist_ok=True)
@@ -115,16 +120,18 @@ def build_tiny(root: str | os.PathLike, *, force: bool = False) -> TinyPaths:
             return paths
         for stale in root.glob(".build-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        logger.info("building tiny DeepSeek-V2 + LoRA adapter in %s", root)
+        logger.info("building tiny %s + LoRA adapter in %s", family, root)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            _build_into(tmp, root)
+            _build_into(tmp, root, *(() if family == "deepseek_v2" else (family,)))  # 2 arguments: as before
             (root / STAMP).unlink(missing_ok=True)  # from here on the old build is not complete
+            for derived in root.glob("merged-*"):  # hand-merged references (tests/reference.py) of the old build
+                shutil.rmtree(derived, ignore_errors=True)
             for part in _PARTS:
                 if (root / part).exists():
                     shutil.rmtree(root / part)
                 os.replace(tmp / part, root / part)
-            stamp = {"recipe": RECIPE_VERSION, "recipe_sha256": recipe_hash, "built_with": _versions(),
+            stamp = {"recipe": family_recipe(family).version, "recipe_sha256": recipe_hash, "built_with": _versions(),
                      "files": _listing(root)}
             (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
             os.replace(tmp / STAMP, root / STAMP)

@@ -2,13 +2,14 @@
 
 Every file is written by hand from the recipe (not by a transformers save_pretrained), so the folder
 is byte-identical whichever transformers major builds it, and uses the on-disk key names of real
-DeepSeek-V2 checkpoints (per-expert keys), which both majors load.
+checkpoints of the family (per-expert keys), which both majors load.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from . import recipe
@@ -16,6 +17,7 @@ from . import recipe
 logger = logging.getLogger(__name__)
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
 
 def _dump(path: Path, obj) -> None:
@@ -72,10 +74,10 @@ def write_tokenizer(model_dir: Path) -> dict[str, int]:
     return {"size": tok.get_vocab_size(), "pad": ids[recipe.PAD], "bos": ids[recipe.BOS], "eos": ids[recipe.EOS]}
 
 
-def write_config(model_dir: Path, tok_info: dict[str, int]) -> dict:
+def write_config(model_dir: Path, tok_info: dict[str, int], model_config=recipe.model_config) -> dict:
     """config.json (vocab rounded up to a multiple of 64) and a greedy generation_config.json."""
     vocab = -(-tok_info["size"] // 64) * 64
-    cfg = recipe.model_config(vocab, tok_info["pad"], tok_info["bos"], tok_info["eos"])
+    cfg = model_config(vocab, tok_info["pad"], tok_info["bos"], tok_info["eos"])
     _dump(model_dir / "config.json", cfg)
     _dump(model_dir / "generation_config.json", {
         "bos_token_id": tok_info["bos"], "eos_token_id": tok_info["eos"], "pad_token_id": tok_info["pad"],
@@ -118,25 +120,28 @@ def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
-def random_weights(cfg: dict, seed: int = recipe.SEED) -> dict:
-    """Seeded random bf16 tensors: one private generator, fixed order, so every build is identical."""
+def random_weights(cfg: dict, seed: int = recipe.SEED, specs=weight_specs) -> dict:
+    """Seeded random bf16 tensors: one private generator, fixed order, so every build is identical.
+
+    A score-correction bias stays fp32 and non-negative, as in real DeepSeek-V3 checkpoints.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape, kind in weight_specs(cfg):
+    for name, shape, kind in specs(cfg):
         t = torch.randn(shape, generator=gen, dtype=torch.float32) * recipe.INIT_STD[kind]
         if kind == "norm":
             t += 1.0
-        out[name] = t.to(torch.bfloat16).contiguous()
+        out[name] = t.abs().contiguous() if kind == "score_bias" else t.to(torch.bfloat16).contiguous()
     return out
 
 
-def write_weights(model_dir: Path, cfg: dict) -> None:
+def write_weights(model_dir: Path, cfg: dict, specs=weight_specs) -> None:
     """Two safetensors shards split by layer plus model.safetensors.index.json, like real checkpoints."""
     from safetensors.torch import save_file
 
-    weights = random_weights(cfg)
+    weights = random_weights(cfg, specs=specs)
     last = cfg["num_hidden_layers"] - 1
     second = [k for k in weights if k.startswith(f"model.layers.{last}.") or not k.startswith("model.layers.")]
     second = [k for k in second if k != "model.embed_tokens.weight"]
@@ -162,15 +167,15 @@ def load_expert_weights(model_dir: Path) -> dict:
     for fname in sorted(set(index["weight_map"].values())):
         with safe_open(str(model_dir / fname), framework="pt") as f:
             for k in f.keys():
-                if ".mlp.experts." in k:
+                if EXPERT_KEY.search(k):
                     out[k] = f.get_tensor(k)
     return out
 
 
-def write_model_dir(model_dir: Path) -> dict:
-    """Tokenizer, configs and weights into model_dir; returns the config dict."""
+def write_model_dir(model_dir: Path, family) -> dict:
+    """Tokenizer, configs and weights of a `families.Family` into model_dir; returns the config dict."""
     model_dir.mkdir(parents=True, exist_ok=True)
     tok_info = write_tokenizer(model_dir)
-    cfg = write_config(model_dir, tok_info)
-    write_weights(model_dir, cfg)
+    cfg = write_config(model_dir, tok_info, family.config)
+    write_weights(model_dir, cfg, family.weight_specs)
     return cfg

@@ -1,9 +1,11 @@
 """A short real PEFT LoRA run on the tiny model that leaves a per-expert adapter, as KT training does.
 
 transformers 5 stores routed experts fused (3-D parameters, no nn.Linear), so PEFT could not put a
-LoRA on each expert. Each MoE block is swapped for `PerExpertMoE`, which keeps HF's router and
-shared experts but holds the routed experts as HF `DeepseekV2MLP` modules (nn.Linear), computing
-what HF's block computes. That gives the per-expert adapter layout in both transformers majors.
+LoRA on each expert. For DeepSeek-V2 each MoE block is swapped for `PerExpertMoE`, which keeps HF's
+router and shared experts but holds the routed experts as HF `DeepseekV2MLP` modules (nn.Linear). The
+other families keep HF's own block (its router, shared experts and gate) and only get `PerExpertExperts`
+in place of the fused experts. Either computes what HF's block computes (checked before training), and
+gives the per-expert adapter layout in both transformers majors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from . import recipe
-from .checkpoint import load_expert_weights
+from .checkpoint import EXPERT_KEY, load_expert_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,54 @@ def swap_moe(model: nn.Module, model_dir: Path) -> None:
             mlp.load_state_dict(sd, strict=True)
             mlps.append(mlp)
         layer.mlp = PerExpertMoE(layer.mlp, cfg, mlps)
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert as three nn.Linear under the family's names (gate, up, down order)."""
+
+    def __init__(self, hidden: int, inter: int, names: tuple[str, str, str]):
+        super().__init__()
+        self.names = names
+        for name, (fan_in, fan_out) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
+            self.add_module(name, nn.Linear(fan_in, fan_out, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self._modules[n] for n in self.names)
+        return down(nn.functional.silu(gate(x)) * up(x))
+
+
+class PerExpertExperts(nn.ModuleList):
+    """transformers 5's fused experts as one ExpertMLP each; called like them (hidden [T,H], ids [T,k], weights)."""
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self):
+            tok, pos = torch.where(top_k_index == e)
+            if tok.numel():
+                out.index_add_(0, tok, (expert(hidden[tok]) * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+
+def per_expert_experts(model: nn.Module, model_dir: Path, model_type: str) -> None:
+    """Every MoE block under its checkpoint name, with per-expert nn.Linear experts (transformers 4.x has them)."""
+    from ..model.loader import install_block
+    from ..model.registry import ARCHS
+
+    arch = ARCHS[model_type]
+    num_experts, _, inter = arch.spec_sizes(model.config)
+    names = tuple(n for n, _ in arch.proj_names)
+    weights = load_expert_weights(model_dir)
+    for li, layer in enumerate(model.get_submodule(arch.layers_path)):
+        block = install_block(layer, arch)
+        if not hasattr(block, arch.experts_attr) or isinstance(block.experts, nn.ModuleList):
+            continue
+        mlps = PerExpertExperts()
+        for e in range(num_experts):
+            mlp = ExpertMLP(model.config.hidden_size, inter, names)
+            mlp.load_state_dict({f"{n}.weight": weights[arch.expert_weight_key(li, e, canon)].float()
+                                 for n, canon in arch.proj_names}, strict=True)
+            mlps.append(mlp)
+        setattr(block, arch.experts_attr, mlps)
 
 
 def training_examples(tok) -> list[tuple[list[int], list[int]]]:
@@ -135,11 +185,12 @@ def check_answers(model, tok, label: str) -> None:
 
 
 def _expert_lora_b(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_B" in n}
+    return {n: p for n, p in model.named_parameters() if EXPERT_KEY.search(n) and "lora_B" in n}
 
 
-def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str) -> None:
-    """Loads the tiny model, swaps the MoE blocks, trains LoRA until it answers TRAINED_QA, saves."""
+def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, family) -> None:
+    """Loads the tiny model of a `families.Family`, makes its routed experts per-expert Linears, trains LoRA until
+    it answers TRAINED_QA, saves."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,18 +201,21 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str) -> N
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
-        swap_moe(model, model_dir)
+        if family.name == "deepseek_v2":
+            swap_moe(model, model_dir)
+        else:
+            per_expert_experts(model, model_dir, family.name)
         diff = (model(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f"per-expert MoE swap changed the logits by {diff:.3g}")
     logger.info("MoE swap: logits match HF (max abs diff %.2g)", diff)
 
     lcfg = LoraConfig(r=recipe.LORA_R, lora_alpha=recipe.LORA_ALPHA, lora_dropout=0.0, bias="none",
-                      target_modules=recipe.LORA_TARGET_REGEX, task_type="CAUSAL_LM")
+                      target_modules=family.lora_regex, task_type="CAUSAL_LM")
     with _no_peft_v5_remap(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         model = get_peft_model(model, lcfg)
-    want = {k.removesuffix(".lora_A.weight") for k in expected_adapter_keys(model.config.to_dict()) if "lora_A" in k}
+    want = {f"base_model.model.{m}" for m in family.lora_modules(_config_dict(model_dir))}
     got = {n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A")}
     if got != want or model.peft_config["default"].target_parameters:
         raise RuntimeError(f"PEFT wrapped other modules than planned: extra {sorted(got - want)[:3]}, "
@@ -169,7 +223,7 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str) -> N
     trainable = [p for n, p in model.named_parameters() if p.requires_grad]
     if not all("lora_" in n for n, p in model.named_parameters() if p.requires_grad):
         raise RuntimeError("non-LoRA parameters are trainable")
-    opt = torch.optim.AdamW(trainable, lr=recipe.TRAIN_LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=family.train_lr, weight_decay=0.0)
     model.train()
     for step in range(1, recipe.TRAIN_MAX_STEPS + 1):
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -192,7 +246,7 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str) -> N
     if dead:
         raise RuntimeError(f"routed-expert LoRA never trained: {dead[:3]}")
     _check_expert_lora_matters(model, ids, mask, labels)
-    save_adapter(model, adapter_dir, base_model_path)
+    save_adapter(model, adapter_dir, base_model_path, family, _config_dict(model_dir))
 
 
 @torch.no_grad()
@@ -231,21 +285,16 @@ def _no_peft_v5_remap():
         twc.convert_peft_config_for_transformers = orig
 
 
-def expected_adapter_keys(cfg: dict) -> set[str]:
-    """Every key of a per-expert PEFT adapter over all linear layers of the tiny model."""
-    mods = []
-    for li in range(cfg["num_hidden_layers"]):
-        p = f"base_model.model.model.layers.{li}"
-        mods += [f"{p}.self_attn.{m}" for m in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
-        if li < cfg["first_k_dense_replace"]:
-            subs = [f"{p}.mlp"]
-        else:
-            subs = [f"{p}.mlp.shared_experts"] + [f"{p}.mlp.experts.{e}" for e in range(cfg["n_routed_experts"])]
-        mods += [f"{s}.{m}" for s in subs for m in ("gate_proj", "up_proj", "down_proj")]
-    return {f"{m}.lora_{ab}.weight" for m in mods for ab in "AB"}
+def _config_dict(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
 
 
-def save_adapter(model, adapter_dir: Path, base_model_path: str) -> None:
+def expected_adapter_keys(family, cfg: dict) -> set[str]:
+    """Every key of a per-expert PEFT adapter over the family's LoRA targets of the tiny model."""
+    return {f"base_model.model.{m}.lora_{ab}.weight" for m in family.lora_modules(cfg) for ab in "AB"}
+
+
+def save_adapter(model, adapter_dir: Path, base_model_path: str, family, cfg: dict) -> None:
     """PEFT save, then adapter_config as LLaMA-Factory writes it (short target names, real base path)."""
     from safetensors import safe_open
 
@@ -253,12 +302,12 @@ def save_adapter(model, adapter_dir: Path, base_model_path: str) -> None:
     (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card: version noise only
     cfg_path = adapter_dir / "adapter_config.json"
     acfg = json.loads(cfg_path.read_text())
-    acfg["target_modules"] = list(recipe.LORA_TARGET_NAMES)
+    acfg["target_modules"] = list(family.lora_names)
     acfg["base_model_name_or_path"] = base_model_path
     cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    want = expected_adapter_keys(model.base_model.model.config.to_dict())
+    want = expected_adapter_keys(family, cfg)
     if keys != want:
         raise RuntimeError(f"adapter keys differ from the per-expert layout: "
                            f"extra {sorted(keys - want)[:3]}, missing {sorted(want - keys)[:3]}")

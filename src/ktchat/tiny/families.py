@@ -1,0 +1,233 @@
+"""One tiny recipe per MoE family: config.json, the checkpoint's tensors under the names real checkpoints use (which
+both transformers majors load and save), and the LoRA targets of LLaMA-Factory's `lora_target: all`.
+
+All share the tokenizer, chat template, trained answers and training knobs of `recipe`; sizes stay multiples of 64
+(hidden 256, expert intermediate 128) so every kt_kernel method runs them. The router is not a LoRA target (it is
+not an nn.Linear in transformers 5 nor in DeepSeek's models); the tests add router LoRA by hand where they need it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from . import recipe
+
+Spec = tuple[str, tuple[int, ...], str]  # (on-disk key, shape, init kind)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the model_type
+    version: str  # part of the cache stamp
+    config: Callable[[int, int, int, int], dict]  # (vocab, pad, bos, eos) -> config.json
+    weight_specs: Callable[[dict], list[Spec]]
+    lora_names: tuple[str, ...]  # adapter_config target_modules, as LLaMA-Factory writes them
+    lora_regex: str
+    # Gentler than DeepSeek-V2's 5e-3: Mixtral's renormalised top-2 routing kept flipping (no convergence in 400
+    # steps) at 5e-3 under transformers 4.57; 2e-3 converges in 20-50 steps for every family in both majors.
+    train_lr: float = 2e-3
+
+    def lora_modules(self, cfg: dict) -> set[str]:
+        """Module paths the adapter must hold: every Linear of the checkpoint PEFT's regex picks (no MTP layers)."""
+        n = cfg["num_hidden_layers"]
+        out = set()
+        for key, _, kind in self.weight_specs(cfg):
+            module = key.removesuffix(".weight")
+            m = re.match(r"model\.layers\.(\d+)\.", key)
+            if kind == "linear" and (m is None or int(m[1]) < n) and re.fullmatch(self.lora_regex, module):
+                out.add(module)
+        return out
+
+
+def _targets(names) -> str:
+    return rf".*\.({'|'.join(names)})"
+
+
+def _common(vocab: int, pad: int, bos: int, eos: int, **kw) -> dict:
+    return {"vocab_size": vocab, "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+            "max_position_embeddings": 2048, "tie_word_embeddings": False, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True, **kw,
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "torch_dtype": "bfloat16"}
+
+
+def _mlp(prefix: str, inter: int, h: int, names=("gate_proj", "up_proj", "down_proj")) -> list[Spec]:
+    gate, up, down = names
+    return [(f"{prefix}.{gate}.weight", (inter, h), "linear"), (f"{prefix}.{up}.weight", (inter, h), "linear"),
+            (f"{prefix}.{down}.weight", (h, inter), "linear")]
+
+
+def _gqa(p: str, cfg: dict, bias: bool = False, qk_norm: bool = False) -> list[Spec]:
+    h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    specs = []
+    for name, out in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+        specs.append((f"{p}.self_attn.{name}.weight", (out, h), "linear"))
+        if bias:
+            specs.append((f"{p}.self_attn.{name}.bias", (out,), "bias"))
+    specs.append((f"{p}.self_attn.o_proj.weight", (h, nh * hd), "linear"))
+    if qk_norm:
+        specs += [(f"{p}.self_attn.q_norm.weight", (hd,), "norm"), (f"{p}.self_attn.k_norm.weight", (hd,), "norm")]
+    return specs
+
+
+def _mla(p: str, cfg: dict) -> list[Spec]:
+    h, nh, ql = cfg["hidden_size"], cfg["num_attention_heads"], cfg["q_lora_rank"]
+    nope, rope, vd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    return [(f"{p}.self_attn.q_a_proj.weight", (ql, h), "linear"), (f"{p}.self_attn.q_a_layernorm.weight", (ql,), "norm"),
+            (f"{p}.self_attn.q_b_proj.weight", (nh * (nope + rope), ql), "linear"),
+            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h), "linear"),
+            (f"{p}.self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
+            (f"{p}.self_attn.kv_b_proj.weight", (nh * (nope + vd), kvr), "linear"),
+            (f"{p}.self_attn.o_proj.weight", (h, nh * vd), "linear")]
+
+
+def _experts(prefix: str, cfg: dict, n: int, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> list[Spec]:
+    return [s for e in range(n) for s in _mlp(f"{prefix}.experts.{e}", inter, cfg["hidden_size"], names)]
+
+
+def _model(cfg: dict, layer: Callable[[str, int], list[Spec]], extra_layers: int = 0) -> list[Spec]:
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    specs = [("model.embed_tokens.weight", (v, h), "embed")]
+    for i in range(cfg["num_hidden_layers"] + extra_layers):
+        p = f"model.layers.{i}"
+        specs += [(f"{p}.input_layernorm.weight", (h,), "norm"), *layer(p, i),
+                  (f"{p}.post_attention_layernorm.weight", (h,), "norm")]
+    return specs + [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (v, h), "lm_head")]
+
+
+# --- DeepSeek-V3: MLA with q_lora, sigmoid + bias group-limited routing, one shared expert, an MTP layer ----------
+
+
+def _deepseek_v3_config(vocab, pad, bos, eos) -> dict:
+    return _common(vocab, pad, bos, eos, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                   intermediate_size=512, moe_intermediate_size=128, num_key_value_heads=4, q_lora_rank=64,
+                   kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
+                   moe_layer_freq=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                   routed_scaling_factor=2.5, topk_method="noaux_tc", scoring_func="sigmoid", n_group=2, topk_group=1,
+                   norm_topk_prob=True, num_nextn_predict_layers=1, rope_interleave=True, attention_bias=False,
+                   ep_size=1)
+
+
+def _deepseek_v3_specs(cfg: dict) -> list[Spec]:
+    h, e, moe_i, n = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["num_hidden_layers"]
+
+    def layer(p: str, i: int) -> list[Spec]:
+        specs = _mla(p, cfg)
+        if i < cfg["first_k_dense_replace"]:
+            return specs + _mlp(f"{p}.mlp", cfg["intermediate_size"], h)
+        specs += [(f"{p}.mlp.gate.weight", (e, h), "linear"), (f"{p}.mlp.gate.e_score_correction_bias", (e,), "score_bias")]
+        specs += _mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"], h) + _experts(f"{p}.mlp", cfg, e, moe_i)
+        if i >= n:  # the multi-token-prediction layer's own tensors, as DeepSeek-V3 checkpoints carry them
+            specs += [(f"{p}.embed_tokens.weight", (cfg["vocab_size"], h), "embed"), (f"{p}.enorm.weight", (h,), "norm"),
+                      (f"{p}.hnorm.weight", (h,), "norm"), (f"{p}.eh_proj.weight", (h, 2 * h), "linear"),
+                      (f"{p}.shared_head.norm.weight", (h,), "norm"),
+                      (f"{p}.shared_head.head.weight", (cfg["vocab_size"], h), "lm_head")]
+        return specs
+
+    return _model(cfg, layer, extra_layers=cfg["num_nextn_predict_layers"])
+
+
+# --- Qwen2-MoE: GQA with q/k/v bias, a sigmoid-gated shared expert, a dense middle layer (mlp_only_layers) -------
+
+
+def _qwen2_moe_config(vocab, pad, bos, eos) -> dict:
+    return _common(vocab, pad, bos, eos, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                   intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                   num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                   decoder_sparse_step=1, mlp_only_layers=[1], use_sliding_window=False, sliding_window=None,
+                   max_window_layers=3, qkv_bias=True, router_aux_loss_coef=0.001, output_router_logits=False)
+
+
+def _qwen_sparse(cfg: dict, i: int) -> bool:
+    return i not in cfg["mlp_only_layers"] and (i + 1) % cfg["decoder_sparse_step"] == 0
+
+
+def _qwen2_moe_specs(cfg: dict) -> list[Spec]:
+    h, e = cfg["hidden_size"], cfg["num_experts"]
+
+    def layer(p: str, i: int) -> list[Spec]:
+        specs = _gqa(p, cfg, bias=True)
+        if not _qwen_sparse(cfg, i):
+            return specs + _mlp(f"{p}.mlp", cfg["intermediate_size"], h)
+        return (specs + [(f"{p}.mlp.gate.weight", (e, h), "linear")]
+                + _mlp(f"{p}.mlp.shared_expert", cfg["shared_expert_intermediate_size"], h)
+                + [(f"{p}.mlp.shared_expert_gate.weight", (1, h), "linear")]
+                + _experts(f"{p}.mlp", cfg, e, cfg["moe_intermediate_size"]))
+
+    return _model(cfg, layer)
+
+
+# --- Qwen3-MoE: GQA with q/k norms, softmax top-k renormalised, no shared expert --------------------------------
+
+
+def _qwen3_moe_config(vocab, pad, bos, eos) -> dict:
+    return _common(vocab, pad, bos, eos, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                   intermediate_size=512, moe_intermediate_size=128, num_key_value_heads=2, head_dim=64,
+                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=[], use_sliding_window=False, sliding_window=None, max_window_layers=3,
+                   attention_bias=False, router_aux_loss_coef=0.001, output_router_logits=False)
+
+
+def _qwen3_moe_specs(cfg: dict) -> list[Spec]:
+    h, e = cfg["hidden_size"], cfg["num_experts"]
+
+    def layer(p: str, i: int) -> list[Spec]:
+        return (_gqa(p, cfg, qk_norm=True) + [(f"{p}.mlp.gate.weight", (e, h), "linear")]
+                + _experts(f"{p}.mlp", cfg, e, cfg["moe_intermediate_size"]))
+
+    return _model(cfg, layer)
+
+
+# --- Mixtral: block_sparse_moe, experts w1 (gate), w3 (up), w2 (down) -------------------------------------------
+
+
+def _mixtral_config(vocab, pad, bos, eos) -> dict:
+    return _common(vocab, pad, bos, eos, architectures=["MixtralForCausalLM"], model_type="mixtral",
+                   intermediate_size=128, num_key_value_heads=2, head_dim=64, num_local_experts=8,
+                   num_experts_per_tok=2, sliding_window=None, router_aux_loss_coef=0.001,
+                   output_router_logits=False, router_jitter_noise=0.0)
+
+
+def _mixtral_specs(cfg: dict) -> list[Spec]:
+    h, e = cfg["hidden_size"], cfg["num_local_experts"]
+
+    def layer(p: str, i: int) -> list[Spec]:
+        return (_gqa(p, cfg) + [(f"{p}.block_sparse_moe.gate.weight", (e, h), "linear")]
+                + _experts(f"{p}.block_sparse_moe", cfg, e, cfg["intermediate_size"], ("w1", "w3", "w2")))
+
+    return _model(cfg, layer)
+
+
+def _deepseek_v2() -> Family:
+    from .checkpoint import weight_specs  # the original recipe, kept byte for byte
+
+    return Family("deepseek_v2", recipe.RECIPE_VERSION, recipe.model_config, weight_specs,
+                  tuple(recipe.LORA_TARGET_NAMES), recipe.LORA_TARGET_REGEX, recipe.TRAIN_LR)
+
+
+_GQA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+_MLA_NAMES = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def _family(name, config, specs, names) -> Family:
+    return Family(name, f"tiny-{name}-1", config, specs, names, _targets(names))
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "deepseek_v2": _deepseek_v2,
+    "deepseek_v3": lambda: _family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_specs, _MLA_NAMES + _MLP_NAMES),
+    "qwen2_moe": lambda: _family("qwen2_moe", _qwen2_moe_config, _qwen2_moe_specs,
+                                 _GQA_NAMES + _MLP_NAMES + ("shared_expert_gate",)),
+    "qwen3_moe": lambda: _family("qwen3_moe", _qwen3_moe_config, _qwen3_moe_specs, _GQA_NAMES + _MLP_NAMES),
+    "mixtral": lambda: _family("mixtral", _mixtral_config, _mixtral_specs, _GQA_NAMES + ("w1", "w2", "w3")),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"no tiny recipe for {name!r} (have: {', '.join(FAMILIES)})")
+    return FAMILIES[name]()

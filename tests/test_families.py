@@ -1,0 +1,309 @@
+"""Every MoE family in KT mode against the hand-merged fp32 reference (plain transformers, whichever major runs the
+suite), and what each family brings: MTP tensors, the score-correction bias, router LoRA, Mixtral's block name,
+DeepSeek's YaRN attention scale, and layers spread over several devices."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from ktchat import load_model
+from ktchat.model import offloaded_blocks
+from ktchat.model.moe import OffloadedMoE
+from ktchat.model.registry import ARCHS
+from ktchat.tiny import TRAINED_QA
+
+from reference import DEVICE, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
+
+FAMILIES = ("deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral")
+FP32_BOUND = 1e-4
+KT_BF16_BOUND = 1e-2  # the bf16 expert kernels' bound on the trained questions, twice that on the conversation
+TF4 = transformers.__version__.startswith("4.")
+
+
+@dataclass
+class Fam:
+    name: str
+    paths: object
+    tok: object
+    prompts: list  # 3 trained questions, a 70-token conversation, 300 random tokens
+    reference: object
+    control: object  # merged without the routed-expert LoRA
+
+
+def merged(paths, tag: str, keep=lambda module: True, adapter=None):
+    """The hand-merged reference, in a folder named after the adapter's bytes: a rebuilt family never meets a stale
+    merge."""
+    adapter = adapter or paths.adapter
+    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+    return load_reference(merge_by_hand(paths.model, adapter, paths.root / f"{tag}-{digest}", keep=keep))
+
+
+def chat_prompts(tok) -> list:
+    def encode(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True)["input_ids"]
+
+    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return [encode([{"role": "user", "content": q}]) for q, _ in TRAINED_QA] + [
+        encode(history + [{"role": "user", "content": TRAINED_QA[0][0]}])]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tiny_family):
+    from transformers import AutoTokenizer
+
+    paths = tiny_family(request.param)
+    tok = AutoTokenizer.from_pretrained(paths.model)
+    noise = torch.randint(0, len(tok), (1, 300), generator=torch.Generator().manual_seed(0))
+    control = merged(paths, "merged-no-expert-lora", keep=lambda m: not re.search(r"\.experts\.\d+\.", m))
+    return Fam(request.param, paths, tok, chat_prompts(tok) + [noise], merged(paths, "merged-all"), control)
+
+
+@pytest.fixture(scope="module")
+def kt_fp32(fam):
+    return load_model(fam.paths.model, fam.paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)[0]
+
+
+def assert_matches(model, fam, prompts=None):
+    for ids in prompts or fam.prompts:
+        assert rel_err(logits(model, ids), logits(fam.reference, ids)) < FP32_BOUND
+
+
+# --- end to end, every family ---------------------------------------------------------------------------------------
+
+
+def test_logits_equal_reference(fam, kt_fp32):
+    assert_matches(kt_fp32, fam)
+
+
+def test_greedy_equals_reference_and_gives_trained_answers(fam, kt_fp32):
+    for ids, (_, answer) in zip(fam.prompts, TRAINED_QA + TRAINED_QA[:1]):
+        got = greedy(kt_fp32, ids)
+        assert got == greedy(fam.reference, ids)
+        assert answer in fam.tok.decode(got, skip_special_tokens=True)
+
+
+def test_dropping_expert_lora_breaks_the_match(fam):
+    """The CPU channel is live: without the expert LoRA, KT mode leaves the reference and meets the control."""
+    model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    for block in offloaded_blocks(model).values():
+        block.experts.backend.set_lora({})
+    for ids in fam.prompts:
+        assert rel_err(logits(model, ids), logits(fam.reference, ids)) > 100 * FP32_BOUND
+        assert rel_err(logits(model, ids), logits(fam.control, ids)) < FP32_BOUND
+    assert any(greedy(model, ids) != greedy(fam.reference, ids) for ids in fam.prompts[:-1])
+
+
+@pytest.mark.parametrize("moe_lora", ["exact", "merged"])
+def test_kt_bf16_experts_match_reference_and_answer(fam, moe_lora):
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts.kt_backend import unavailable_reason
+
+    reason = unavailable_reason(moe_lora, "bf16")
+    if reason:
+        pytest.skip(reason)
+    model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="kt", dtype="float32", device=DEVICE,
+                          moe_lora=moe_lora, kt_method="bf16")
+    *questions, conversation, _ = fam.prompts
+    for ids in questions:
+        assert rel_err(logits(model, ids), logits(fam.reference, ids)) < KT_BF16_BOUND
+    assert rel_err(logits(model, conversation), logits(fam.reference, conversation)) < 2 * KT_BF16_BOUND
+    for ids, (_, answer) in zip(fam.prompts, TRAINED_QA + TRAINED_QA[:1]):
+        assert answer in fam.tok.decode(greedy(model, ids), skip_special_tokens=True)
+
+
+def test_checkpoint_uses_the_names_transformers_saves(fam, tmp_path):
+    """Both majors load the hand-written checkpoint completely and save the same per-expert names back."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(fam.paths.model, dtype=torch.float32, output_loading_info=True)
+    n = model.config.num_hidden_layers
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])  # DeepSeek-V3's MTP layer only
+    model.save_pretrained(tmp_path)
+    saved = set(read_checkpoint(tmp_path))
+    on_disk = {k for k in read_checkpoint(fam.paths.model) if not k.startswith(f"model.layers.{n}.")}
+    assert saved == on_disk
+
+
+def test_layers_on_a_device_map_go_through_hooks_and_match(fam):
+    """A device map of 'cpu' entries takes the multi-GPU code path on CPU: placement per module, accelerate hooks."""
+    model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="torch", dtype="float32",
+                          device_map={k: "cpu" for k in two_gpu_map(fam.paths.model)})
+    layers = [m for n, m in model.named_modules() if re.fullmatch(r".*model\.layers\.\d+", n)]
+    assert layers and all(hasattr(layer, "_hf_hook") for layer in layers)
+    assert_matches(model, fam, fam.prompts[:2])
+    assert greedy(model, fam.prompts[0]) == greedy(fam.reference, fam.prompts[0])
+
+
+# --- what single families bring -------------------------------------------------------------------------------------
+
+
+def test_deepseek_v3_mtp_layer_is_skipped_with_one_log_line(tiny_family, caplog):
+    paths = tiny_family("deepseek_v3")
+    with caplog.at_level(logging.INFO, logger="ktchat.model.loader"):
+        load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
+    lines = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    mtp = [k for k in json.loads((paths.model / "model.safetensors.index.json").read_text())["weight_map"]
+           if k.startswith("model.layers.3.")]
+    assert len(lines) == 1 and f"skipped {len(mtp)} checkpoint tensors of model.layers.3:" in lines[0]
+
+
+def test_deepseek_v3_score_correction_bias_is_loaded_and_steers_routing(tiny_family):
+    paths = tiny_family("deepseek_v3")
+    model, tok = load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
+    stored = read_checkpoint(paths.model)
+    ids = chat_prompts(tok)[-1]
+    before = logits(model, ids)
+    for layer, block in offloaded_blocks(model).items():
+        bias = block.gate.e_score_correction_bias
+        want = stored[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]
+        assert bias.dtype == torch.float32 and torch.equal(bias.cpu(), want)
+        bias.zero_()
+    assert rel_err(logits(model, ids), before) > 100 * FP32_BOUND
+
+
+def _router_lora_adapter(paths, out):
+    """The adapter plus random LoRA on every MoE router (`gate`, an nn.Linear under transformers 4.x, which
+    LLaMA-Factory's `lora_target: all` then targets)."""
+    shutil.copytree(paths.adapter, out)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    hidden = json.loads((paths.model / "config.json").read_text())["hidden_size"]
+    blocks = {m[0] for k in weights if (m := re.search(r"model\.layers\.\d+\.\w+(?=\.experts\.)", k))}
+    gen = torch.Generator().manual_seed(7)
+    for block in sorted(blocks):
+        experts = 1 + max(int(m[1]) for k in weights if (m := re.search(rf"{re.escape(block)}\.experts\.(\d+)\.", k)))
+        for side, shape in (("A", (cfg["r"], hidden)), ("B", (experts, cfg["r"]))):
+            weights[f"base_model.model.{block}.gate.lora_{side}.weight"] = torch.randn(shape, generator=gen) * 0.05
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    cfg["target_modules"] = sorted(set(cfg["target_modules"]) | {"gate"})
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_router_lora_goes_through_peft_exactly(tiny_family, tmp_path, name):
+    paths = tiny_family(name)
+    adapter = _router_lora_adapter(paths, tmp_path / "adapter")
+    reference = merged(paths, "merged-router-lora", adapter=adapter)
+    model, tok = load_model(paths.model, adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    without = merged(paths, "merged-all")
+    for ids in chat_prompts(tok):
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+        assert rel_err(logits(model, ids), logits(without, ids)) > 100 * FP32_BOUND
+
+
+def test_mixtral_block_keeps_its_checkpoint_name(tiny_family):
+    """transformers 5 calls Mixtral's block `mlp`; KT mode names it `block_sparse_moe` (checkpoint, 4.x adapters)."""
+    model, _ = load_model(tiny_family("mixtral").model, experts_backend="torch", dtype="float32", device=DEVICE)
+    layer = model.model.layers[0]
+    assert isinstance(layer.block_sparse_moe, OffloadedMoE)
+    assert "model.layers.0.block_sparse_moe.gate.weight" in dict(model.named_parameters())
+    if not TF4:
+        assert layer.mlp is layer.block_sparse_moe and "mlp" not in layer._modules
+
+
+@pytest.mark.parametrize("negative_bias", [False, True])
+def test_deepseek_v3_route_equals_transformers_router(negative_bias):
+    """Group-limited sigmoid routing with bias, against transformers' own router (16 experts, 4 groups, top-4)."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mdv3
+
+    if negative_bias and TF4:
+        pytest.skip("transformers 4.57 masks left-out groups with 0.0, not -inf: it differs once biased scores go "
+                    "negative (transformers 5 and DeepSeek's code use -inf, as ktchat does)")
+    cfg = transformers.DeepseekV3Config(hidden_size=64, n_routed_experts=16, n_group=4, topk_group=2,
+                                        num_experts_per_tok=4, norm_topk_prob=True, routed_scaling_factor=2.5)
+    gen = torch.Generator().manual_seed(0)
+    router = mdv3.DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 64, generator=gen) * 0.1)
+        bias = torch.randn(16, generator=gen) * 0.3
+        router.e_score_correction_bias.copy_(bias if negative_bias else bias.abs())
+    x = torch.randn(200, 64, generator=gen)
+    out = router(x)
+    want_ids, want_w = (out[0], out[1]) if TF4 else (out[2], out[1])
+    got_w, got_ids = ARCHS["deepseek_v3"].route(x @ router.weight.T, router, cfg)
+    order_got, order_want = got_ids.argsort(dim=-1), want_ids.argsort(dim=-1)
+    assert torch.equal(got_ids.gather(1, order_got), want_ids.gather(1, order_want))
+    torch.testing.assert_close(got_w.gather(1, order_got), want_w.float().gather(1, order_want))
+
+
+def test_deepseek_v2_yarn_attention_scale_is_applied_in_both_majors(tiny, tmp_path):
+    """DeepSeek's YaRN multiplies the attention scale by mscale(factor, mscale_all_dim)^2; transformers 4.57's
+    DeepseekV2 forgets it (ktchat sets it), 5.x applies it: either way KT mode computes the formula."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = shutil.copytree(tiny.model, tmp_path / "yarn")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                           "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+    cfg["max_position_embeddings"] = 2560
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    want = (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2
+    model, _ = load_model(model_dir, experts_backend="torch", dtype="float32", device=DEVICE)
+    assert all(math.isclose(layer.self_attn.scaling, want, rel_tol=1e-12) for layer in model.model.layers)
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 500, (1, 150), generator=torch.Generator().manual_seed(1))  # well past 64 positions
+    as_loaded = rel_err(logits(model, ids), logits(plain, ids))
+    for layer in plain.model.layers:
+        layer.self_attn.scaling = want
+    assert rel_err(logits(model, ids), logits(plain, ids)) < FP32_BOUND
+    assert (as_loaded > 5 * FP32_BOUND) if TF4 else (as_loaded < FP32_BOUND)
+
+
+# --- several GPUs ----------------------------------------------------------------------------------------------------
+
+
+def two_gpu_map(model_dir, **config_overrides) -> dict:
+    """The balanced map of the KT-mode model over two (pretend) GPUs of equal memory."""
+    from transformers import AutoConfig
+
+    from ktchat.experts import backend_factory
+    from ktchat.model.loader import build_skeleton
+    from ktchat.model.placement import balanced_device_map
+    from ktchat.model.registry import arch_for
+
+    config = AutoConfig.from_pretrained(model_dir, **config_overrides)
+    skeleton = build_skeleton(config, arch_for(config), backend_factory("torch"), torch.float32)
+    return balanced_device_map(skeleton.model, {0: 1 << 30, 1: 1 << 30}, torch.float32)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_balanced_map_keeps_layers_whole_and_holds_no_experts(tiny_family, name):
+    device_map = two_gpu_map(tiny_family(name).model)
+    assert set(device_map.values()) == {0, 1}
+    assert not [k for k in device_map if re.match(r"model\.layers\.\d+\.", k) or "experts" in k]
+    layers = [v for k, v in device_map.items() if re.fullmatch(r"model\.layers\.\d+", k)]
+    assert layers == sorted(layers) and device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
+
+
+def test_balanced_map_keeps_tied_weights_on_one_device(tiny_family):
+    device_map = two_gpu_map(tiny_family("qwen3_moe").model, tie_word_embeddings=True)
+    assert device_map["lm_head"] == device_map["model.embed_tokens"] == 0 and 1 in device_map.values()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (run on a multi-GPU machine)")
+@pytest.mark.parametrize("name", ("deepseek_v2",) + FAMILIES)
+def test_layers_spread_over_gpus_match_reference(tiny_family, name):
+    from transformers import AutoTokenizer
+
+    paths = tiny_family(name)
+    reference = merged(paths, "merged-all")
+    model, _ = load_model(paths.model, paths.adapter, experts_backend="torch", dtype="float32", device="auto")
+    devices = {p.device for n, p in model.named_parameters() if ".layers." in n}
+    assert len(devices) >= 2 and all(d.type == "cuda" for d in devices)
+    for ids in chat_prompts(AutoTokenizer.from_pretrained(paths.model)):
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+        assert greedy(model, ids) == greedy(reference, ids)
