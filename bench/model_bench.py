@@ -41,6 +41,8 @@ VARIANTS = {  # name -> (engine, load_model keyword arguments)
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
     "kt-exact": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16"}),
     "kt-exact-nooverlap": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16", "overlap": False}),
+    "kt-exact-peftmerged": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16",
+                                       "merge_peft_lora": True}),
     "kt-merged-bf16": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "bf16"}),
     "kt-merged-int8": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "int8"}),
     "kt-noadapter": ("ktchat-base", {"experts_backend": "kt", "kt_method": "bf16"}),

@@ -91,3 +91,13 @@ def test_remote_code_folders_run_on_the_native_implementation(tiny, reference, p
     model, _ = load_model(model_dir, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE,
                           trust_remote_code=True)
     assert rel_err(logits(model, prompts[0]), logits(reference, prompts[0])) < FP32_BOUND
+
+
+def test_merged_peft_channel_still_equals_reference(tiny, reference, prompts):
+    """merge_peft_lora folds the compute-device LoRA into the weights; the expert channel stays as it was."""
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE,
+                          merge_peft_lora=True)
+    assert not hasattr(model, "peft_config")
+    for ids in prompts:
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+    assert greedy(model, prompts[0]) == greedy(reference, prompts[0])

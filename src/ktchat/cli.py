@@ -29,10 +29,7 @@ def open_session(config: ChatConfig):
     from .model import load_model
 
     m = config.model
-    model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path,
-                                  experts_backend=m.resolved_experts_backend, device=m.device, dtype=m.dtype,
-                                  trust_remote_code=m.trust_remote_code, moe_lora=m.moe_lora,
-                                  kt_method=m.kt_method, num_threads=m.kt_num_threads)
+    model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path, **m.load_kwargs())
     template = llamafactory_template(tokenizer, m.template) if m.template else None
     if m.template and template is None:
         logger.info("template: %s needs LLaMA-Factory, which is not installed; prompts use the tokenizer's own "

@@ -119,6 +119,7 @@ class ModelArgs:
     kt_num_threads: Optional[int] = None
     moe_lora: Optional[str] = None  # None: the experts backend's default
     kt_method: Optional[str] = None  # kt experts' weight format; None: bf16
+    merge_peft_lora: bool = False  # fold the compute-device LoRA into its weights after loading
 
     def __post_init__(self):
         _check_str("model_name_or_path", self.model_name_or_path, optional=False)
@@ -133,6 +134,7 @@ class ModelArgs:
         _check_int("kt_num_threads", self.kt_num_threads, minimum=1, optional=True)
         _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
         _check_choice("kt_method", self.kt_method, KT_METHODS, optional=True)
+        _check_bool("merge_peft_lora", self.merge_peft_lora)
         self._check_kt()
 
     def _check_adapter(self) -> None:
@@ -159,6 +161,12 @@ class ModelArgs:
     def resolved_experts_backend(self) -> str:
         """Without use_kt the experts stay plain torch, as LLaMA-Factory's non-KT inference would run them."""
         return self.experts_backend if self.use_kt else "torch"
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike)."""
+        return dict(experts_backend=self.resolved_experts_backend, device=self.device, dtype=self.dtype,
+                    trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
+                    num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora)
 
     @property
     def dtype(self) -> Optional[str]:

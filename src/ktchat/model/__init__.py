@@ -27,13 +27,15 @@ def load_model(
     kt_method: str | None = None,
     num_threads: int | None = None,
     device_map=None,
+    merge_peft_lora: bool = False,
 ):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
     Returns (model, tokenizer); the model is called like any transformers causal LM. moe_lora ("exact" |
     "merged"), kt_method ("bf16" | "int8" | "int4") and num_threads tune the CPU experts backend.
     device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
-    device_map may also be a dict {module name: device}.
+    device_map may also be a dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the
+    compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -75,6 +77,8 @@ def load_model(
         if peft_modules:
             model = load_peft_channel(model, adapter, peft_modules).eval()
         n_routed = load_moe_lora_from_adapter(model, adapter, arch=arch)
+        if merge_peft_lora and peft_modules:
+            model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
         logger.info(
             "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
             adapter.path, len(peft_modules), describe(placement), n_routed,

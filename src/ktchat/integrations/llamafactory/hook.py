@@ -39,7 +39,7 @@ SETTINGS_ATTR = "ktchat_settings"  # set on LLaMA-Factory's ModelArguments when 
 # LLaMA-Factory does not know out of its arguments. ktchat's config uses some (experts_backend, moe_lora,
 # kt_method, kt_num_threads or cpu_infer, device) and logs the others as ignored, with the reason.
 KT_KEYS = (
-    "experts_backend", "moe_lora", "kt_method", "kt_num_threads", "cpu_infer", "device",
+    "experts_backend", "moe_lora", "kt_method", "kt_num_threads", "cpu_infer", "device", "merge_peft_lora",
     "kt_optimize_rule", "chunk_size", "kt_config", "kt_backend", "kt_mode", "kt_use_cuda_graph", "kt_maxlen",
     "kt_force_think",
 )
@@ -246,11 +246,7 @@ def load_through_ktchat(settings, tokenizer, model_args, finetuning_args, is_tra
     if getattr(model_args, "quantization_bit", None) is not None:
         raise KTChatError("use_kt: quantization_bit is not supported; kt_method: int8 or int4 quantizes the "
                           "routed experts on the CPU")
-    model, _ = load_model(model_args.model_name_or_path, settings.adapter_name_or_path,
-                          experts_backend=settings.resolved_experts_backend, device=settings.device,
-                          dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
-                          moe_lora=settings.moe_lora, kt_method=settings.kt_method,
-                          num_threads=settings.kt_num_threads)
+    model, _ = load_model(model_args.model_name_or_path, settings.adapter_name_or_path, **settings.load_kwargs())
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise KTChatError(f"use_kt: the tokenizer has {len(tokenizer)} tokens after LLaMA-Factory's template added "
