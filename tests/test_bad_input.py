@@ -170,3 +170,12 @@ def test_cli_bad_adapter_exits_2_with_one_error_line(tiny, adapter_copy, tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ktchat: error:")]
     assert len(errors) == 1 and "DoRA" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_shard_index_is_one_clear_error(tiny, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny.model, model_dir)
+    for broken in ("{not json", '{"weight_map": ["not", "a", "mapping"]}', '{"metadata": {}}'):
+        (model_dir / "model.safetensors.index.json").write_text(broken)
+        with pytest.raises(KTChatError, match="model.safetensors.index.json: cannot read shard index"):
+            load_model(model_dir, experts_backend="torch", device="cpu")

@@ -113,10 +113,9 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a mapping
             raise KTChatError(f"{index}: cannot read shard index ({exc})") from None
-        return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
