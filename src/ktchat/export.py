@@ -18,10 +18,11 @@ from pathlib import Path
 
 from .adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
 from .errors import KTChatError
+from .model.loader import SHARD_INDEX as INDEX_NAME
+from .model.loader import read_shard_index
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
           "F8_E4M3": 1, "F8_E5M2": 1}
 _ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -43,10 +44,7 @@ def read_header(path: Path) -> tuple[int, dict]:
 def shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            return [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KTChatError(f"{index}: cannot read shard index ({exc})") from None
+        return sorted(set(read_shard_index(index).values()))
     if (model_dir / "model.safetensors").is_file():
         return [model_dir / "model.safetensors"]
     raise KTChatError(f"{model_dir}: no safetensors checkpoint found (model.safetensors or {INDEX_NAME})")

@@ -108,14 +108,22 @@ def _aliased(cls: type, alias: str, target: str) -> type:
     return _ALIASED[key]
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def read_shard_index(index: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from a safetensors shard index; one clear error for any malformed index."""
+    try:
+        return {name: index.parent / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a mapping
+        raise KTChatError(f"{index}: cannot read shard index ({exc})") from None
+
+
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, from the shard index or the single file."""
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / SHARD_INDEX
     if index.is_file():
-        try:
-            return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a mapping
-            raise KTChatError(f"{index}: cannot read shard index ({exc})") from None
+        return read_shard_index(index)
     single = model_dir / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
