@@ -175,8 +175,10 @@ class KTExperts(ExpertsBackend):
         """An exact-mode LoRA of the kernel's rank and alpha only refreshes the kernel's LoRA buffers."""
         if self.moe_lora != "exact" or not lora or self._kernel_rank == 0:
             return False
-        rank = max(s.a.shape[1] for s in lora.values())
-        alpha = max((s.scale for s in lora.values()), key=abs) * rank
+        rank, scale = _kernel_rank_scale(lora)
+        return self._fits_kernel(rank, scale * rank)
+
+    def _fits_kernel(self, rank: int, alpha: float) -> bool:
         return rank == self._kernel_rank and abs(alpha - self._kernel_alpha) <= 1e-12 * max(1.0, abs(alpha))
 
     def _build(self) -> None:
@@ -204,7 +206,7 @@ class KTExperts(ExpertsBackend):
 
     def _load_sft(self, lora: dict[str, StackedLoRA]) -> None:
         rank, alpha, bufs = self._kernel_lora_buffers(lora)
-        if self._kernel_rank == rank and abs(self._kernel_alpha - alpha) <= 1e-12 * max(1.0, abs(alpha)):
+        if self._fits_kernel(rank, alpha):
             for name, t in bufs.items():  # same shapes: update in place, as after an optimizer step
                 self._kernel_lora[name].copy_(t)
             self._kernel.update_lora_weights(*(self._kernel_lora[n].data_ptr() for n in _LORA_NAMES))
@@ -242,8 +244,7 @@ class KTExperts(ExpertsBackend):
         """One rank and one alpha for all projections, as the kernel wants: smaller ranks and absent projections are
         zero-padded (exact); a projection whose scale differs from the largest gets it folded into its B."""
         spec = self.spec
-        rank = max(s.a.shape[1] for s in lora.values())
-        ref = max((s.scale for s in lora.values()), key=abs)
+        rank, ref = _kernel_rank_scale(lora)
         e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
         bufs = {}
         for proj in PROJS:
@@ -292,6 +293,11 @@ class KTExperts(ExpertsBackend):
             call = self._kernel.forward_sft_task if sft else self._kernel.forward_task
             _run(self._pool, call(*ptrs, False))
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+
+def _kernel_rank_scale(lora: dict[str, StackedLoRA]) -> tuple[int, float]:
+    """The SFT kernel's one rank (the largest) and one scale (the largest in size) for all projections."""
+    return max(s.a.shape[1] for s in lora.values()), max((s.scale for s in lora.values()), key=abs)
 
 
 _LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJS for ab in "ab")
