@@ -10,16 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from reference import load_reference, logits, merge_by_hand, rel_err  # noqa: E402
+from reference import chat_prompt_ids, load_reference, logits, merge_by_hand, random_prompt, rel_err  # noqa: E402
 
 from ktchat import load_model  # noqa: E402
 from ktchat.experts.kt_backend import unavailable_reason  # noqa: E402
-from ktchat.tiny import TRAINED_QA, build_tiny  # noqa: E402
+from ktchat.tiny import build_tiny  # noqa: E402
 
 MODES = [("torch", "exact", None), ("kt", "exact", "bf16"), ("kt", "merged", "bf16"), ("kt", "merged", "int8"),
          ("kt", "exact", "int8")]
@@ -35,11 +34,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny.model)
-    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    chats = [[{"role": "user", "content": q}] for q, _ in TRAINED_QA] + [history + [{"role": "user", "content": TRAINED_QA[0][0]}]]
-    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-               for c in chats]
-    prompts.append(torch.randint(0, 500, (1, 300), generator=torch.Generator().manual_seed(0)))
+    prompts = chat_prompt_ids(tok) + [random_prompt()]
     print("prompts: 3 trained questions, a 70-token conversation, 300 random tokens")
     for backend, moe_lora, method in MODES:
         if backend == "kt" and unavailable_reason(moe_lora, method):

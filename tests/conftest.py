@@ -2,7 +2,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,25 +19,17 @@ def chat_prompts(tiny):
     """The trained questions as chat prompts, and a long multi-turn chat ending in the first question."""
     from transformers import AutoTokenizer
 
-    from ktchat.tiny import TRAINED_QA
+    from reference import chat_prompt_ids
 
-    tok = AutoTokenizer.from_pretrained(tiny.model)
-
-    def encode(messages):
-        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
-            "input_ids"
-        ]
-
-    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    singles = [encode([{"role": "user", "content": q}]) for q, _ in TRAINED_QA]
-    return singles + [encode(history + [{"role": "user", "content": TRAINED_QA[0][0]}])]
+    return chat_prompt_ids(AutoTokenizer.from_pretrained(tiny.model))
 
 
 @pytest.fixture(scope="session")
-def prompts(tiny, chat_prompts):
+def prompts(chat_prompts):
     """The chat prompts, and a 300-token random prompt (out of distribution: near-ties amplify rounding)."""
-    long = torch.randint(0, 500, (1, 300), generator=torch.Generator().manual_seed(0))
-    return chat_prompts + [long]
+    from reference import random_prompt
+
+    return chat_prompts + [random_prompt()]
 
 
 @pytest.fixture(scope="session")

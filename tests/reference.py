@@ -86,3 +86,21 @@ def greedy(model, ids, n=GREEDY_TOKENS):
     ids = ids.to(model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
+
+
+def chat_prompt_ids(tokenizer) -> list[torch.Tensor]:
+    """The trained questions as chat prompts, then a long multi-turn chat (the 3 pairs x 3) ending in the first."""
+    from ktchat.tiny import TRAINED_QA
+
+    def encode(messages):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+
+    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    singles = [encode([{"role": "user", "content": q}]) for q, _ in TRAINED_QA]
+    return singles + [encode(history + [{"role": "user", "content": TRAINED_QA[0][0]}])]
+
+
+def random_prompt(n: int = 300, seed: int = 0) -> torch.Tensor:
+    """Out-of-distribution token ids (the tiny tokenizer has 500 tokens): near-ties in routing amplify rounding."""
+    return torch.randint(0, 500, (1, n), generator=torch.Generator().manual_seed(seed))

@@ -23,7 +23,7 @@ from ktchat.model.moe import OffloadedMoE
 from ktchat.model.registry import ARCHS
 from ktchat.tiny import TRAINED_QA
 
-from reference import DEVICE, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
+from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
 
 FAMILIES = ("deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral")
 FP32_BOUND = 1e-4
@@ -49,16 +49,6 @@ def merged(paths, tag: str, keep=lambda module: True, adapter=None):
     return load_reference(merge_by_hand(paths.model, adapter, paths.root / f"{tag}-{digest}", keep=keep))
 
 
-def chat_prompts(tok) -> list:
-    def encode(messages):
-        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                       return_dict=True)["input_ids"]
-
-    history = [m for q, a in TRAINED_QA * 3 for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    return [encode([{"role": "user", "content": q}]) for q, _ in TRAINED_QA] + [
-        encode(history + [{"role": "user", "content": TRAINED_QA[0][0]}])]
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request, tiny_family):
     from transformers import AutoTokenizer
@@ -67,7 +57,7 @@ def fam(request, tiny_family):
     tok = AutoTokenizer.from_pretrained(paths.model)
     noise = torch.randint(0, len(tok), (1, 300), generator=torch.Generator().manual_seed(0))
     control = merged(paths, "merged-no-expert-lora", keep=lambda m: not re.search(r"\.experts\.\d+\.", m))
-    return Fam(request.param, paths, tok, chat_prompts(tok) + [noise], merged(paths, "merged-all"), control)
+    return Fam(request.param, paths, tok, chat_prompt_ids(tok) + [noise], merged(paths, "merged-all"), control)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +154,7 @@ def test_deepseek_v3_score_correction_bias_is_loaded_and_steers_routing(tiny_fam
     paths = tiny_family("deepseek_v3")
     model, tok = load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
     stored = read_checkpoint(paths.model)
-    ids = chat_prompts(tok)[-1]
+    ids = chat_prompt_ids(tok)[-1]
     before = logits(model, ids)
     for layer, block in offloaded_blocks(model).items():
         bias = block.gate.e_score_correction_bias
@@ -200,7 +190,7 @@ def test_router_lora_goes_through_peft_exactly(tiny_family, tmp_path, name):
     reference = merged(paths, "merged-router-lora", adapter=adapter)
     model, tok = load_model(paths.model, adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     without = merged(paths, "merged-all")
-    for ids in chat_prompts(tok):
+    for ids in chat_prompt_ids(tok):
         assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
         assert rel_err(logits(model, ids), logits(without, ids)) > 100 * FP32_BOUND
 
@@ -304,6 +294,6 @@ def test_layers_spread_over_gpus_match_reference(tiny_family, name):
     model, _ = load_model(paths.model, paths.adapter, experts_backend="torch", dtype="float32", device="auto")
     devices = {p.device for n, p in model.named_parameters() if ".layers." in n}
     assert len(devices) >= 2 and all(d.type == "cuda" for d in devices)
-    for ids in chat_prompts(AutoTokenizer.from_pretrained(paths.model)):
+    for ids in chat_prompt_ids(AutoTokenizer.from_pretrained(paths.model)):
         assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
         assert greedy(model, ids) == greedy(reference, ids)
