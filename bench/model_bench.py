@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import resource
 import statistics
@@ -37,17 +39,25 @@ V2_LITE = {
 }
 ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-VARIANTS = {  # name -> (engine, load_model keyword arguments)
+KT = {"experts_backend": "kt", "kt_method": "bf16"}
+VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix sets N kt worker threads
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
-    "kt-exact": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16"}),
-    "kt-exact-nooverlap": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16", "overlap": False}),
-    "kt-exact-peftmerged": ("ktchat", {"experts_backend": "kt", "moe_lora": "exact", "kt_method": "bf16",
-                                       "merge_peft_lora": True}),
-    "kt-merged-bf16": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "bf16"}),
-    "kt-merged-int8": ("ktchat", {"experts_backend": "kt", "moe_lora": "merged", "kt_method": "int8"}),
-    "kt-noadapter": ("ktchat-base", {"experts_backend": "kt", "kt_method": "bf16"}),
+    "kt-exact": ("ktchat", dict(KT, moe_lora="exact")),
+    "kt-exact-eager": ("ktchat", dict(KT, moe_lora="exact", cuda_graphs=False)),
+    "kt-exact-nooverlap": ("ktchat", dict(KT, moe_lora="exact", overlap=False)),
+    "kt-exact-peftmerged": ("ktchat", dict(KT, moe_lora="exact", merge_peft_lora=True)),
+    "kt-merged-bf16": ("ktchat", dict(KT, moe_lora="merged")),
+    "kt-merged-int8": ("ktchat", dict(KT, moe_lora="merged", kt_method="int8")),
+    "kt-noadapter": ("ktchat-base", KT),
+    "kt-noadapter-int8": ("ktchat-base", dict(KT, kt_method="int8")),
     "torch": ("ktchat", {"experts_backend": "torch"}),
 }
+
+
+def variant(name: str) -> tuple[str, dict]:
+    base, _, threads = name.partition(":t")
+    engine, kwargs = VARIANTS[base]
+    return engine, dict(kwargs, num_threads=int(threads)) if threads else kwargs
 
 
 def shapes(cfg: dict):
@@ -84,7 +94,8 @@ def mlp(prefix, h, i):
 
 
 def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
-    """Random bf16 weights in ~2 GB shards + a random rank-`rank` all-target adapter (per-expert PEFT layout)."""
+    """Random bf16 weights in ~2 GB shards + a random rank-`rank` all-target adapter (per-expert PEFT layout).
+    The random numbers come from the GPU when there is one (the CPU takes minutes for 15.7B of them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -95,7 +106,9 @@ def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
     adapter.mkdir(parents=True, exist_ok=True)
     cfg = dict(V2_LITE, num_hidden_layers=layers)
     (model / "config.json").write_text(json.dumps(cfg, indent=2))
-    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(dev).manual_seed(0)
+    randn = lambda *shape: torch.randn(shape, generator=gen, device=dev)  # noqa: E731
     shard, size, index, lora = {}, 0, {}, {}
 
     def flush():
@@ -106,22 +119,35 @@ def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
         shard, size = {}, 0
 
     for name, shape in shapes(cfg):
-        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02)
+        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else (randn(*shape) * 0.02).bfloat16().cpu()
         shard[name], size = t, size + t.numel() * 2
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in ATTN + MLP:
-            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, shape[1]) / shape[1] ** 0.5
-            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], rank) * 0.01
+            lora[f"base_model.model.{module}.lora_A.weight"] = (randn(rank, shape[1]) / shape[1] ** 0.5).bfloat16().cpu()
+            lora[f"base_model.model.{module}.lora_B.weight"] = (randn(shape[0], rank) * 0.01).bfloat16().cpu()
         if size > 2e9:
             flush()
     flush()
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    save_file({k: v.bfloat16().contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"))
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
         "bias": "none", "target_modules": list(ATTN + MLP), "base_model_name_or_path": str(model)}))
     write_tokenizer(model, cfg["vocab_size"])
     return root
+
+
+def non_expert_bytes(cfg: dict) -> int:
+    """What KT mode keeps on the GPU: every weight but the routed experts (bf16)."""
+    return sum(2 * math.prod(shape) for name, shape in shapes(cfg) if ".mlp.experts." not in name)
+
+
+def warm_page_cache(model: Path) -> None:
+    """Reads every shard once, so each variant's load starts from the same (cached) state."""
+    for f in sorted(model.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
 
 
 def write_tokenizer(model: Path, vocab: int) -> None:
@@ -154,8 +180,20 @@ def load(engine: str, root: Path, kwargs: dict):
     from ktchat.model import moe
 
     moe.OffloadedMoE.overlap = overlap
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     adapter = None if engine == "ktchat-base" else root / "adapter"
     return load_model(root / "model", adapter, dtype="bfloat16", **kwargs)[0]
+
+
+def import_engine(engine: str) -> None:
+    import transformers.models.deepseek_v2.modeling_deepseek_v2  # noqa: F401
+
+    if engine != "hf":
+        import peft  # noqa: F401
+    if engine.startswith("ktchat"):
+        import kt_kernel  # noqa: F401
+
+        import ktchat.model.decode  # noqa: F401
 
 
 def timed(fn) -> float:
@@ -171,36 +209,68 @@ def timed(fn) -> float:
 def run_variant(name: str, root: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    engine, kwargs = VARIANTS[name]
+    engine, kwargs = variant(name)
+    import_s = timed(lambda: import_engine(engine))  # apart from the load: both sides pay it once per process
     load_s = timed(lambda: globals().__setitem__("_model", load(engine, root, kwargs)))
     model = globals().pop("_model")
     ids = torch.randint(0, 100000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
     gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         model(ids[:, :16])  # warm-up
+        model.generate(ids, **gen)  # warm-up (captures the decode graph where there is one)
         prefill = [timed(lambda: model(ids)) for _ in range(repeats)]
         total = [timed(lambda: model.generate(ids, **gen)) for _ in range(repeats)]
     decode = [(t - p) / (new_tokens - 1) for t, p in zip(total, prefill)]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    static = getattr(inner, "static_decode", None)
+    cache = static.cache if static is not None else None
+    breakdown = decode_breakdown(static) if static is not None and static._graph is not None else {}
     return {
-        "variant": name, "load_s": load_s, "prefill_tok_s": prompt_len / statistics.median(prefill),
+        **breakdown,
+        "variant": name, "load_s": load_s, "import_s": import_s, "prefill_tok_s": prompt_len / statistics.median(prefill),
         "decode_tok_s": 1 / statistics.median(decode), "decode_ms": 1000 * statistics.median(decode),
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "cpu_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "graph": bool(static is not None and static._graph is not None),
+        "kv_cache_gib": sum(t.nbytes for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values)
+                            if torch.is_tensor(t)) / 2**30,
     }
 
 
-def cpu_bandwidth_gbs(gib: float = 4.0) -> float:
-    """Read bandwidth: an fp32 reduction (vectorised, every torch thread) over a tensor far larger than cache."""
+def decode_breakdown(static, repeats: int = 20) -> dict:
+    """Where a graphed decode token goes: the graph alone (GPU work + CPU experts inside), and the CPU experts
+    alone (every layer's bound task run from the host on the same buffers)."""
     import torch
 
+    static.cache.reset()  # replays write at the cache's own position: start it from 0
+    replay = [timed(static._graph.replay) for _ in range(repeats)]
+    bound = [e._bound[0] for e in static._experts]
+
+    def experts():
+        for b in bound:
+            b.submit()
+            b.wait()
+
+    cpu = [timed(experts) for _ in range(repeats)]
+    return {"replay_ms": 1000 * statistics.median(replay), "experts_ms": 1000 * statistics.median(cpu)}
+
+
+def cpu_bandwidth_gbs(gib: float = 4.0, repeats: int = 8) -> float:
+    """Read bandwidth: an fp32 reduction (vectorised, one thread per core) over a tensor far larger than the
+    caches; the best of `repeats`, so the floor derived from it is the strictest."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
     x.sum()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    best = min(timed_cpu(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def timed_cpu(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -212,6 +282,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--resume", action="store_true", help="keep the results of variants already measured here")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON on stdout
     args = ap.parse_args()
     root = args.out / f"v2lite-{args.layers}l-r{args.rank}"
@@ -222,8 +293,15 @@ def main() -> None:
     start = time.perf_counter()
     write_checkpoint(root, args.layers, args.rank)
     print(f"checkpoint ready in {time.perf_counter() - start:.0f}s: {root}", flush=True)
+    os.sync()  # the checkpoint written out first: writeback would steal bandwidth
+    bw = cpu_bandwidth_gbs()  # before any variant: nothing else running
     rows = []
     for name in args.variants:
+        done = root / f"result-{name}.json"
+        if args.resume and done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
+        warm_page_cache(root / "model")
         cmd = [sys.executable, __file__, "--out", str(args.out), "--layers", str(args.layers), "--rank", str(args.rank),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--run", name]
@@ -232,25 +310,41 @@ def main() -> None:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
         rows.append(json.loads((root / f"result-{name}.json").read_text()))
-        print(json.dumps(rows[-1]), flush=True)
-    report(rows, args)
+        said = [line for line in proc.stderr.splitlines() if "loaded " in line or "CUDA graph" in line]
+        print("\n".join(said + [json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f}s)"]), flush=True)
+    report(rows, args, bw)
 
 
-def report(rows: list[dict], args) -> None:
+def report(rows: list[dict], args, bw: float) -> None:
     cfg = dict(V2_LITE, num_hidden_layers=args.layers)
     moe_layers = args.layers - cfg["first_k_dense_replace"]
     active = moe_layers * cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
-    bw = cpu_bandwidth_gbs()
-    print(f"\nCPU read bandwidth {bw:.0f} GB/s; active expert bytes/token: bf16 {active * 2 / 1e9:.2f} GB, "
-          f"int8 {active / 1e9:.2f} GB; decode floor: bf16 {bw * 1e9 / (active * 2):.1f} tok/s, "
-          f"int8 {bw * 1e9 / active:.1f} tok/s")
-    base = {r["variant"]: r for r in rows}.get("hf")
-    print(f"\n| variant | load s | prefill tok/s ({args.prompt}) | decode tok/s | decode ms | GPU peak GiB | CPU peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    floor = {"bf16": bw * 1e9 / (active * 2), "int8": bw * 1e9 / active}
+    resident = non_expert_bytes(cfg) / 2**30
+    print(f"\nCPU read bandwidth {bw:.0f} GB/s; active routed-expert bytes per token: bf16 {active * 2 / 1e9:.2f} GB, "
+          f"int8 {active / 1e9:.2f} GB; decode floor: bf16 {floor['bf16']:.1f} tok/s, int8 {floor['int8']:.1f} tok/s; "
+          f"non-expert weights {resident:.2f} GiB")
+    by = {r["variant"]: r for r in rows}
+    hf, peft = by.get("hf"), by.get("hf-peft")
+    print(f"\n| variant | load s + imports s | prefill tok/s ({args.prompt}) | decode tok/s | decode ms | of floor | vs hf-peft "
+          "| GPU peak GiB (bound) | CPU peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
     for r in rows:
-        ratio = f" ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x hf)" if base else ""
-        print(f"| {r['variant']} | {r['load_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f}{ratio} | "
-              f"{r['decode_ms']:.1f} | {r['gpu_peak_gib']:.1f} | {r['cpu_peak_gib']:.1f} |")
+        kt = r["variant"].startswith(("kt", "torch"))
+        fmt = "int8" if "int8" in r["variant"] else "bf16"
+        load = f"{r['load_s']:.1f}" + (f" ({r['load_s'] / hf['load_s']:.2f}x hf)" if hf and kt else "")
+        load += f" + {r['import_s']:.1f}"
+        of_floor = f"{r['decode_tok_s'] / floor[fmt]:.0%} {fmt}" if kt else "-"
+        vs_peft = f"{r['decode_tok_s'] / peft['decode_tok_s']:.2f}x" if peft else "-"
+        bound = f" ({resident + r['kv_cache_gib'] + 2:.1f})" if kt else ""
+        if "replay_ms" in r:
+            notes.append(f"{r['variant']}: graph replay {r['replay_ms']:.1f} ms, of which CPU experts alone "
+                         f"{r['experts_ms']:.1f} ms; generate adds {r['decode_ms'] - r['replay_ms']:.1f} ms per token")
+        print(f"| {r['variant']}{' (graph)' if r.get('graph') else ''} | {load} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {r['decode_ms']:.1f} | {of_floor} | {vs_peft} | "
+              f"{r['gpu_peak_gib']:.1f}{bound} | {r['cpu_peak_gib']:.1f} |")
+    print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

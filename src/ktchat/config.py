@@ -92,9 +92,9 @@ def _check_number(key: str, value: Any, low: float, high: float = float("inf"), 
     _fail(key, value, f"a number {bounds}")
 
 
-def _check_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(key, value, "true or false")
+def _check_bool(key: str, value: Any, optional: bool = False) -> None:
+    if not isinstance(value, bool) and not (value is None and optional):
+        _fail(key, value, "true or false" + (" (or left out)" if optional else ""))
 
 
 def _check_str(key: str, value: Any, optional: bool = True) -> None:
@@ -120,6 +120,7 @@ class ModelArgs:
     moe_lora: Optional[str] = None  # None: the experts backend's default
     kt_method: Optional[str] = None  # kt experts' weight format; None: bf16
     merge_peft_lora: bool = False  # fold the compute-device LoRA into its weights after loading
+    cuda_graphs: Optional[bool] = None  # None: on wherever everything but the experts sits on one GPU
 
     def __post_init__(self):
         _check_str("model_name_or_path", self.model_name_or_path, optional=False)
@@ -135,6 +136,7 @@ class ModelArgs:
         _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
         _check_choice("kt_method", self.kt_method, KT_METHODS, optional=True)
         _check_bool("merge_peft_lora", self.merge_peft_lora)
+        _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
         self._check_kt()
 
     def _check_adapter(self) -> None:
@@ -166,7 +168,8 @@ class ModelArgs:
         """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike)."""
         return dict(experts_backend=self.resolved_experts_backend, device=self.device, dtype=self.dtype,
                     trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
-                    num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora)
+                    num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora,
+                    cuda_graphs=self.cuda_graphs)
 
     @property
     def dtype(self) -> Optional[str]:

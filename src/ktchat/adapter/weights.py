@@ -29,6 +29,7 @@ class AdapterWeights:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._bin: dict[str, torch.Tensor] | None = None
+        self._handle = None
         try:
             if self.path.suffix == ".safetensors":
                 from safetensors import safe_open
@@ -48,6 +49,15 @@ class AdapterWeights:
         except Exception as exc:  # safetensors and torch.load raise many types on corrupt files
             raise KTChatError(f"{self.path}: cannot read adapter weights ({describe(exc)})") from None
 
+    def _opened(self):
+        """One open handle for all loads: a per-expert adapter is loaded in dozens of parts, and each opening
+        parses the whole header again (~10,000 entries at DeepSeek-V2-Lite size)."""
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.path), framework="pt").__enter__()
+        return self._handle
+
     def load(self, keys) -> dict[str, torch.Tensor]:
         """Loads the named tensors on the CPU; refuses NaN or Inf, which would poison every output."""
         keys = list(keys)
@@ -55,10 +65,8 @@ class AdapterWeights:
             if self._bin is not None:
                 out = {k: self._bin[k] for k in keys}
             else:
-                from safetensors import safe_open
-
-                with safe_open(str(self.path), framework="pt") as f:
-                    out = {k: f.get_tensor(k) for k in keys}
+                f = self._opened()
+                out = {k: f.get_tensor(k) for k in keys}
         except Exception as exc:
             raise KTChatError(f"{self.path}: cannot load adapter tensors ({describe(exc)})") from None
         for k, t in out.items():

@@ -8,11 +8,11 @@ from typing import Callable
 
 from ..errors import KTChatError
 from . import kt_backend
-from .base import ExpertsBackend, ExpertsSpec
+from .base import BoundExperts, ExpertsBackend, ExpertsSpec
 from .kt_backend import KTExperts
 from .torch_backend import TorchExperts
 
-__all__ = ["BACKENDS", "ExpertsBackend", "ExpertsSpec", "KTExperts", "TorchExperts", "backend_factory"]
+__all__ = ["BACKENDS", "BoundExperts", "ExpertsBackend", "ExpertsSpec", "KTExperts", "TorchExperts", "backend_factory"]
 
 logger = logging.getLogger(__name__)
 

@@ -48,13 +48,26 @@ class ExpertsBackend(ABC):
 
     def load_weight(self, proj: str, expert: int, tensor: torch.Tensor, source: str) -> None:
         """Takes one expert projection straight from the checkpoint; `source` names it in errors."""
-        want = self.spec.weight_shape(proj)
-        if tuple(tensor.shape) != want:
-            raise KTChatError(f"{source}: shape {list(tensor.shape)} does not fit the model config (expected {list(want)})")
-        if (proj, expert) in self._loaded:
-            raise KTChatError(f"{source}: expert weight given twice")
+        self._check_new(proj, expert, tensor.shape, source)
         self._store(proj, expert, tensor)
         self._loaded.add((proj, expert))
+
+    def weight_slot(self, proj: str, expert: int) -> torch.Tensor | None:
+        """The CPU tensor this projection is stored in, for a loader that reads the file straight into it (then
+        calls `filled`); None where the backend must convert what it is given (load_weight)."""
+        return None
+
+    def filled(self, proj: str, expert: int, shape, source: str) -> None:
+        """Records a projection a loader wrote into `weight_slot` (shape as the file declares it)."""
+        self._check_new(proj, expert, shape, source)
+        self._loaded.add((proj, expert))
+
+    def _check_new(self, proj: str, expert: int, shape, source: str) -> None:
+        want = self.spec.weight_shape(proj)
+        if tuple(shape) != want:
+            raise KTChatError(f"{source}: shape {list(shape)} does not fit the model config (expected {list(want)})")
+        if (proj, expert) in self._loaded:
+            raise KTChatError(f"{source}: expert weight given twice")
 
     def finalize(self) -> None:
         """Checks that every expert weight arrived, then lets the backend pack or convert them."""
@@ -105,3 +118,26 @@ class ExpertsBackend(ABC):
     @abstractmethod
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H] on the CPU in spec.dtype; topk_ids [T, k] int64; topk_weights [T, k] fp32 -> [T, H]."""
+
+    @property
+    def io_dtype(self) -> torch.dtype:
+        """The dtype forward computes hidden states in (what bound buffers hold)."""
+        return self.spec.dtype
+
+    def bind(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+             out: torch.Tensor) -> "BoundExperts | None":
+        """forward on fixed CPU buffers, callable from a CUDA stream (so a CUDA graph can hold it); None where the
+        backend cannot (the decode step then runs without a graph)."""
+        return None
+
+
+class BoundExperts(ABC):
+    """The experts of one layer bound to fixed buffers: `submit` starts them, `wait` blocks until `out` is
+    written. With a CUDA stream handle both are queued on that stream (host functions a graph can capture);
+    with None they run now."""
+
+    @abstractmethod
+    def submit(self, stream: int | None = None) -> None: ...
+
+    @abstractmethod
+    def wait(self, stream: int | None = None) -> None: ...

@@ -30,6 +30,9 @@ class TorchExperts(ExpertsBackend):
     def _store(self, proj, expert, tensor):
         self.weights[proj][expert].copy_(tensor)
 
+    def weight_slot(self, proj, expert):
+        return None if self.prepared else self.weights[proj][expert]
+
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
         if self.moe_lora == "merged" and self.prepared:
             raise KTChatError(

@@ -28,6 +28,7 @@ def load_model(
     num_threads: int | None = None,
     device_map=None,
     merge_peft_lora: bool = False,
+    cuda_graphs: bool | None = None,
 ):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
@@ -36,6 +37,8 @@ def load_model(
     device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
     device_map may also be a dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the
     compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
+    cuda_graphs (None: wherever everything but the experts sits on one CUDA device) decodes one-sequence `generate`
+    calls on a static KV cache, one CUDA graph per token with the CPU experts inside (ktchat.model.decode).
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -67,32 +70,70 @@ def load_model(
     skeleton = build_skeleton(config, arch, make_backend, dtype)
     placement = plan_placement(skeleton.model, device, device_map, dtype)
     plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
-    load_checkpoint(skeleton, model_dir, placement, dtype)
-    dispatch(skeleton.model, placement)
-    model = skeleton.model.eval()
-    if (model_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    if adapter is not None:
-        peft_modules, _ = plan
-        if peft_modules:
-            model = load_peft_channel(model, adapter, peft_modules).eval()
-        n_routed = load_moe_lora_from_adapter(model, adapter, arch=arch)
-        if merge_peft_lora and peft_modules:
-            model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
-        logger.info(
-            "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
-            adapter.path, len(peft_modules), describe(placement), n_routed,
-        )
+    phases = _Phases(start)
+    phases.done("setup")
+    # The expert LoRA goes in before the weights: each layer's kernel is built (LoRA included) as soon as its
+    # experts are read, while the rest of the checkpoint loads.
+    n_routed = load_moe_lora_from_adapter(skeleton.model, adapter, arch=arch) if adapter else 0
+    phases.done("expert LoRA")
+    experts = load_checkpoint(skeleton, model_dir, placement, dtype)
+    with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
+        dispatch(skeleton.model, placement)
+        phases.done("checkpoint but the experts")
+        model = skeleton.model.eval()
+        if (model_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        if adapter is not None:
+            peft_modules, _ = plan
+            if peft_modules:
+                model = load_peft_channel(model, adapter, peft_modules).eval()
+            if merge_peft_lora and peft_modules:
+                model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
+            logger.info(
+                "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
+                adapter.path, len(peft_modules), describe(placement), n_routed,
+            )
+        phases.done("PEFT channel")
+    experts.wait()
+    phases.done("experts")
     backend_name = ""
     for block in skeleton.moe_blocks.values():
-        block.experts.backend.prepare()  # pack / quantize / fold the expert LoRA now, not at the first token
+        block.experts.backend.prepare()  # no-op unless loading left one unprepared: never at the first token
         backend_name = block.experts.backend.name
+    _decode_with_graphs(model, cuda_graphs)
     logger.info(
-        "loaded %s in %.1fs: %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
-        model_dir.name, time.perf_counter() - start, len(skeleton.moe_blocks), backend_name,
+        "loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
+        model_dir.name, time.perf_counter() - start, phases, len(skeleton.moe_blocks), backend_name,
         str(dtype).removeprefix("torch."), describe(placement),
     )
     return model, tokenizer
+
+
+class _Phases:
+    """Where load time went, for the log line."""
+
+    def __init__(self, start: float):
+        self._last, self._spent = start, []
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self._spent.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.1f}s" for name, s in self._spent)
+
+
+def _decode_with_graphs(model, cuda_graphs: bool | None) -> None:
+    from .decode import enable_static_decode
+
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+    if cuda_graphs and not one_gpu:
+        where = ", ".join(sorted(str(d) for d in devices))
+        raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device (they are on {where})")
+    if one_gpu and cuda_graphs is not False:
+        enable_static_decode(model, cuda_graphs=True)
 
 
 def _local_dir(path, key: str) -> Path:

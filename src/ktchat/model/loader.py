@@ -3,8 +3,12 @@ checkpoint once: routed-expert tensors straight into the CPU backend, everything
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,10 +140,14 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     raise KTChatError(f"{model_dir}: no safetensors checkpoint found (model.safetensors or model.safetensors.index.json)")
 
 
-def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype) -> None:
+def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype) -> ExpertLoading:
     """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty.
 
-    `placement` is a device, or {module name: device} (a device map; "" is the whole model).
+    Routed-expert tensors are read by a pool of threads straight from the file into their backend's buffers,
+    and each layer's experts are prepared (packed, LoRA folded: set the LoRA first) as soon as the layer is
+    complete. This returns once everything else is in place, with the experts still loading: the caller can
+    do other work, then must call `.wait()`. `placement` is a device, or {module name: device} (a device map;
+    "" is the whole model).
     """
     from safetensors import safe_open
     from tqdm.auto import tqdm
@@ -162,7 +170,9 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     loaded, skipped = set(), {}
-    with tqdm(total=len(files), desc="Loading weights", unit="tensor", disable=None) as bar:
+    bar = tqdm(total=len(files), desc="Loading weights", unit="tensor", disable=None)
+    experts = ExpertLoading(skeleton.moe_blocks, bar)
+    with experts.cancel_on_error():
         for file, names in by_file.items():
             try:
                 handle = safe_open(str(file), framework="pt")
@@ -172,10 +182,11 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                 for name in names:
                     where = f"{file.name}: {name}"
                     if name in expert_keys:
-                        layer, e, proj = expert_keys[name]
-                        backend = skeleton.moe_blocks[layer].cpu_experts.backend
-                        backend.load_weight(proj, e, f.get_tensor(name).to(dtype), where)
-                    elif name in tensors:
+                        if not experts.read_into_slot(file, name, *expert_keys[name], where):
+                            experts.load(*expert_keys[name], f.get_tensor(name).to(dtype), where)
+                        loaded.add(name)
+                        continue
+                    if name in tensors:
                         target = torch.float32 if name in keep_fp32 else dtype
                         _assign(model, name, tensors[name], f.get_tensor(name), where_is(name), target, where)
                     elif name in derived:
@@ -186,17 +197,111 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                         raise KTChatError(f"{where}: checkpoint tensor does not belong to the model")
                     loaded.add(name)
                     bar.update(1)
-    for reason, names in skipped.items():
-        logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
-    for block in skeleton.moe_blocks.values():
-        block.cpu_experts.backend.finalize()
-    _tie_or_fail(model, loaded, params)
-    for mname, module in model.named_modules():
-        for bname, buf in module._buffers.items():
-            if buf is not None and buf.is_meta:
-                raise KTChatError(f"checkpoint is missing {mname}.{bname}, which the model needs")
-            if buf is not None:
-                module._buffers[bname] = buf.to(where_is(f"{mname}.{bname}"))
+        for reason, names in skipped.items():
+            logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
+        _tie_or_fail(model, loaded, params)
+        for mname, module in model.named_modules():
+            for bname, buf in module._buffers.items():
+                if buf is not None and buf.is_meta:
+                    raise KTChatError(f"checkpoint is missing {mname}.{bname}, which the model needs")
+                if buf is not None:
+                    module._buffers[bname] = buf.to(where_is(f"{mname}.{bname}"))
+    return experts
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class ExpertLoading:
+    """Routed experts being read on threads (os.preadv into each backend's own buffer: one copy, no GIL) and
+    each layer prepared once all its experts are in. `wait` joins them, raises the first error and checks
+    that every expert weight arrived."""
+
+    def __init__(self, blocks: dict[int, OffloadedMoE], bar):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._blocks, self._bar = blocks, bar
+        self._missing = {layer: 3 * b.cpu_experts.backend.spec.num_experts for layer, b in blocks.items()}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0))),
+                                        thread_name_prefix="ktchat-load")
+        self._futures, self._files = [], {}
+
+    def wait(self) -> None:
+        self._close(cancel=False)
+        for future in self._futures:
+            future.result()  # the first error of a read or a build
+        for block in self._blocks.values():
+            block.cpu_experts.backend.finalize()  # names what never arrived
+
+    @contextlib.contextmanager
+    def cancel_on_error(self):
+        """Stops the threads if the caller's own loading fails (its error is the one raised)."""
+        try:
+            yield self
+        except BaseException:
+            self._close(cancel=True)
+            raise
+
+    def _close(self, cancel: bool) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files = {}
+        self._bar.close()
+
+    def read_into_slot(self, file: Path, name: str, layer: int, expert: int, proj: str, where: str) -> bool:
+        """Queues the read of one tensor into its slot; False where it needs converting (load it instead)."""
+        backend = self._blocks[layer].cpu_experts.backend
+        slot = backend.weight_slot(proj, expert)
+        fd, header = self._file(file)
+        entry = header.get(name)
+        if slot is None or not slot.is_contiguous() or not isinstance(entry, dict) or \
+                _ST_DTYPES.get(entry.get("dtype")) != slot.dtype:
+            return False
+        backend.filled(proj, expert, entry.get("shape", []), where)  # shape and duplicate checks first
+        begin, end = entry["data_offsets"]
+        if end - begin != slot.nbytes:
+            raise KTChatError(f"{where}: {end - begin} bytes on disk for a tensor of {slot.nbytes}")
+        self._futures.append(self._pool.submit(self._read, fd, header["__data__"] + begin, slot, layer, where))
+        return True
+
+    def load(self, layer: int, expert: int, proj: str, tensor: torch.Tensor, where: str) -> None:
+        self._blocks[layer].cpu_experts.backend.load_weight(proj, expert, tensor, where)
+        self._arrived(layer)
+
+    def _file(self, file: Path):
+        if file not in self._files:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                size = int.from_bytes(os.pread(fd, 8, 0), "little")
+                header = json.loads(os.pread(fd, size, 8))
+            except (OSError, ValueError) as exc:
+                os.close(fd)
+                raise KTChatError(f"{file}: cannot read checkpoint shard header ({exc})") from None
+            header["__data__"] = 8 + size
+            self._files[file] = (fd, header)
+        return self._files[file]
+
+    def _read(self, fd: int, offset: int, slot: torch.Tensor, layer: int, where: str) -> None:
+        view = memoryview((ctypes.c_char * slot.nbytes).from_address(slot.data_ptr())).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise KTChatError(f"{where}: the file ends inside this tensor")
+            done += n
+        self._arrived(layer)
+
+    def _arrived(self, layer: int) -> None:
+        with self._lock:
+            self._missing[layer] -= 1
+            complete = self._missing[layer] == 0
+            self._bar.update(1)
+        if complete:
+            backend = self._blocks[layer].cpu_experts.backend
+            backend.finalize()
+            backend.prepare()
 
 
 def _layers_of(names: list[str]) -> str:

@@ -28,7 +28,9 @@ class CPUExperts(nn.Module):
     """Moves hidden states to the CPU backend and the result back; holds no parameters of its own.
 
     From CUDA, the copies go through pinned buffers reused from token to token (decode calls every layer
-    once per token, so allocation and synchronisation cost is per-token latency).
+    once per token, so allocation and synchronisation cost is per-token latency). With `bind`, one-token steps
+    use fixed buffers and the backend's stream-queued task instead: no host sync at all, so a CUDA graph can
+    hold the whole step (ktchat.model.decode).
     """
 
     def __init__(self, backend: ExpertsBackend):
@@ -36,6 +38,19 @@ class CPUExperts(nn.Module):
         self.backend = backend
         self._pinned: dict[str, torch.Tensor] = {}
         self._event = None
+        self._bound = None  # (BoundExperts, (x, ids, weights, out) fixed CPU buffers)
+        self._bound_tokens = 0
+        self.use_bound = False  # set by the decode step while it runs
+
+    def bind(self, tokens: int = 1) -> bool:
+        """Fixed buffers for steps of `tokens` tokens; False where the backend has no stream-queued task."""
+        if self._bound_tokens != tokens:
+            spec, io, pin = self.backend.spec, self.backend.io_dtype, torch.cuda.is_available()
+            bufs = tuple(torch.zeros((tokens, n), dtype=dtype, pin_memory=pin) for n, dtype in (
+                (spec.hidden_size, io), (spec.top_k, torch.int64), (spec.top_k, torch.float32), (spec.hidden_size, io)))
+            bound = self.backend.bind(*bufs)
+            self._bound, self._bound_tokens = (None if bound is None else (bound, bufs)), tokens
+        return self._bound is not None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.finish(self.stage(x, topk_ids, topk_weights), x)
@@ -44,6 +59,8 @@ class CPUExperts(nn.Module):
         """Starts the copies to the CPU; from CUDA they are asynchronous, so GPU work queued next overlaps."""
         x = x.to(self.backend.spec.dtype)
         topk_ids, topk_weights = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
+        if self.use_bound and self._bound is not None and x.shape[0] == self._bound[1][0].shape[0]:
+            return self._stage_bound(x, topk_ids, topk_weights)
         if x.device.type != "cuda":
             return (x.to(_CPU), topk_ids.to(_CPU), topk_weights.to(_CPU)), None
         staged = tuple(self._buffer(name, t).copy_(t, non_blocking=True)
@@ -55,12 +72,26 @@ class CPUExperts(nn.Module):
 
     def finish(self, staged, like: torch.Tensor) -> torch.Tensor:
         """Waits for the copies only (not for later GPU work), runs the experts, sends the result back."""
+        if staged[0] is _BOUND:
+            stream = staged[1]
+            self._bound[0].wait(stream)
+            return self._bound[1][3].to(like.device, non_blocking=True).to(like.dtype)
         (x, ids, weights), event = staged
         if event is None:
             return self.backend.forward(x, ids, weights).to(like.device, like.dtype)
         event.synchronize()
         out = self._buffer("out", x).copy_(self.backend.forward(x, ids, weights))
         return out.to(like.device, non_blocking=True).to(like.dtype)
+
+    def _stage_bound(self, x, topk_ids, topk_weights):
+        """Copies into the fixed buffers and queues the experts behind the copies: on the current CUDA stream
+        (the host waits for nothing), or at once from the CPU."""
+        bound, bufs = self._bound
+        for buf, t in zip(bufs, (x, topk_ids, topk_weights)):
+            buf.copy_(t.to(buf.dtype), non_blocking=True)  # converted on the device, then one plain copy
+        stream = torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else None
+        bound.submit(stream)
+        return _BOUND, stream
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._pinned.get(name)
@@ -71,6 +102,9 @@ class CPUExperts(nn.Module):
     def extra_repr(self) -> str:
         s = self.backend.spec
         return f"backend={self.backend.name}, experts={s.num_experts}, top_k={s.top_k}, dtype={s.dtype}"
+
+
+_BOUND = object()  # marks a step staged on the bound buffers
 
 
 class OffloadedMoE(nn.Module):

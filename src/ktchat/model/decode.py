@@ -1,0 +1,199 @@
+"""Decoding with a static KV cache and, on a CUDA device, one CUDA graph per token.
+
+A KT-mode decode step crosses to the CPU once per MoE layer. Run eagerly, every crossing waits on the host
+and every small GPU kernel pays a Python launch, which costs more than the experts themselves on a
+DeepSeek-V2-Lite-sized model. Here the step runs on fixed buffers: the KV cache is a transformers
+`StaticCache`, the attention mask is computed on the device from the cache position, and the routed experts
+are queued on the CUDA stream as host functions (`CPUExperts.bind`), so the whole token, CPU experts
+included, is captured once and replayed. Without CUDA the same step runs eagerly (that is how CI tests it).
+
+Only the common case takes this path: one sequence, no beams, no cache of the caller's own. Everything
+else runs `generate` and `forward` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+
+import torch
+from torch import nn
+
+from .moe import CPUExperts
+
+logger = logging.getLogger(__name__)
+
+_CACHE_KEYS = ("past_key_values", "cache")  # transformers 5 renames the first to the second
+_MIN_CACHE = 512
+
+
+class StaticDecode:
+    """Installed on a transformers causal LM (the innermost one under PEFT): wraps its `generate` to hand it a
+    reused StaticCache, and its `forward` to run one-token steps on that cache as a replayed graph."""
+
+    def __init__(self, model: nn.Module, cuda_graphs: bool):
+        self.model = model
+        self.cuda_graphs = cuda_graphs
+        self._generate, self._forward = model.generate, model.forward
+        self._experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
+        self._lock = threading.Lock()
+        self.cache, self.cache_len = None, 0
+        self._signature = None
+        self._static: dict[str, torch.Tensor] = {}
+        self._graph = self._output = None
+        # transformers 5.x renames past_key_values to cache, model by model: the forward's signature tells
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        model.generate, model.forward = self.generate, self.forward
+        model.static_decode = self
+
+    def generate(self, *args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        total = self._tokens_needed(input_ids, kwargs)
+        if total is None:
+            return self._generate(*args, **kwargs)
+        with self._lock:  # one cache: one generation at a time
+            if not self._cache_for(total):
+                return self._generate(*args, **kwargs)
+            if _disable_compile_known():
+                kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache model
+            return self._generate(*args, **{self._cache_kwarg: self.cache}, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        ids = kwargs.get("input_ids")
+        if (args or cache is None or cache is not self.cache or ids is None or tuple(ids.shape) != (1, 1)
+                or kwargs.get("inputs_embeds") is not None):
+            return self._forward(*args, **kwargs)
+        return self._step(kwargs)
+
+    def _tokens_needed(self, input_ids, kwargs) -> int | None:
+        """Cache length this call needs, or None where it is not the one-sequence case."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+        if (not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[0] != 1
+                or any(kwargs.get(k) is not None for k in (*_CACHE_KEYS, "inputs_embeds", "assistant_model"))
+                or (setting("num_beams") or 1) != 1 or (setting("num_return_sequences") or 1) != 1
+                or setting("cache_implementation") is not None):
+            return None
+        new = setting("max_new_tokens")
+        return input_ids.shape[1] + new if new is not None else setting("max_length")
+
+    def _cache_for(self, total: int) -> bool:
+        """Reuses the cache when it is long enough, else makes one (powers of two, so few sizes ever get captured)."""
+        if self.cache is not None and self.cache_len >= total:
+            self.cache.reset()
+            return True
+        from transformers import StaticCache
+
+        limit = getattr(self.model.config, "max_position_embeddings", None) or total
+        size = max(total, min(limit, max(_MIN_CACHE, 1 << (total - 1).bit_length())))
+        self._graph = self._output = self._signature = None
+        self.cache = None
+        cache = StaticCache(config=self.model.config, max_cache_len=size)
+        layers = getattr(cache, "layers", [None])
+        if any(type(layer).__name__ != "StaticLayer" for layer in layers):
+            logger.info("static decode off: the cache has sliding-window layers")  # the mask here is full-length
+            return False
+        if not _separate_value_width(type(layers[0])):
+            logger.info("static decode off: this transformers' StaticCache stores values as wide as keys")
+            return False
+        self.cache, self.cache_len = cache, size
+        return True
+
+    def _step(self, kwargs):
+        tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
+        rest = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k not in _CACHE_KEYS}
+        try:
+            signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(tensors.items())),
+                         tuple(sorted(rest.items())), next(k for k in _CACHE_KEYS if k in kwargs))
+            hash(signature)
+        except TypeError:  # an argument we cannot freeze into a graph
+            return self._forward(**kwargs)
+        if signature == self._signature:
+            for name, value in tensors.items():
+                self._static[name].copy_(value)
+            if self._graph is None:
+                return self._run()
+            self._graph.replay()
+            return self._output
+        self._signature, self._rest, self._cache_key = signature, rest, signature[2]
+        self._static = {k: v.clone() for k, v in tensors.items()}
+        self._graph = self._output = None
+        if self._position() is None:
+            logger.warning("static decode off: cannot tell the cache position from %s", sorted(kwargs))
+            self._signature = None
+            return self._forward(**kwargs)
+        output = self._run()  # also the warm-up a capture needs (lazy initialisations happen outside it)
+        if self.cuda_graphs:
+            self._capture()
+        return output
+
+    def _position(self):
+        """The index this step writes in the cache, as a device tensor (so a replay reads the current one):
+        transformers 4.x and early 5.x pass cache_position, later 5.x keep a counter in each cache layer."""
+        for name in ("cache_position", "position_ids"):
+            if name in self._static:
+                return self._static[name].reshape(-1)[-1]
+        counter = getattr(self.cache.layers[0], "cumulative_length", None) if getattr(self.cache, "layers", None) else None
+        return counter if torch.is_tensor(counter) else None
+
+    def _run(self):
+        """The step on the static buffers, eager or being captured; the mask shows the cache up to this token."""
+        dtype = self.model.dtype
+        hidden = torch.arange(self.cache_len, device=self._position().device) > self._position()
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, torch.finfo(dtype).min)
+        bound = [e for e in self._experts if e.bind(1)]
+        for e in bound:
+            e.use_bound = True
+        try:
+            return self._forward(**self._static, **self._rest, attention_mask=mask.view(1, 1, 1, -1),
+                                 **{self._cache_key: self.cache})
+        finally:
+            for e in bound:
+                e.use_bound = False
+
+    def _capture(self) -> None:
+        """Captures the step just run eagerly; capturing executes nothing, so the cache is written once."""
+        if not all(e.bind(1) for e in self._experts):
+            logger.warning("decode runs without CUDA graphs: the %s experts backend cannot be queued on a CUDA stream",
+                           self._experts[0].backend.name)
+            self.cuda_graphs = False
+            return
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                output = self._run()
+        except Exception as exc:  # noqa: BLE001 - an uncapturable model still decodes, eagerly
+            logger.warning("decode runs without CUDA graphs: capture failed (%s)", str(exc).splitlines()[0])
+            self.cuda_graphs = False
+            return
+        self._graph, self._output = graph, output
+        logger.info("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
+
+
+@functools.cache
+def _separate_value_width(layer_type) -> bool:
+    """transformers 4.x sizes a static layer's values like its keys, which DeepSeek's attention (MLA) overflows."""
+    layer = layer_type(max_cache_len=2)
+    try:
+        layer.lazy_initialization(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 2))
+    except TypeError:
+        return False
+    return layer.values.shape[-1] == 2
+
+
+@functools.cache
+def _disable_compile_known() -> bool:
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "disable_compile")
+
+
+def enable_static_decode(model: nn.Module, cuda_graphs: bool) -> StaticDecode:
+    """Installs StaticDecode on `model` (a PEFT model is looked through); returns it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    existing = getattr(inner, "static_decode", None)
+    return existing if existing is not None else StaticDecode(inner, cuda_graphs)
