@@ -34,3 +34,34 @@ def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, mo
     assert rel_err(logits(model, conversation), logits(reference, conversation)) < 2 * bound
     for ids, (_, answer) in zip(chat_prompts, TRAINED_QA + TRAINED_QA[:1]):
         assert answer in tok.decode(greedy(model, ids), skip_special_tokens=True)
+
+
+def test_experts_read_in_place_equal_converted(tiny, tmp_path, chat_prompts):
+    """The tiny checkpoint is bf16: its experts are read by threads straight into the kt buffers (each layer
+    packed as it completes). An fp32 copy of it must be converted tensor by tensor instead. Same weights after
+    rounding: the same logits, bit for bit."""
+    pytest.importorskip("kt_kernel")
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ktchat.experts.kt_backend import unavailable_reason
+
+    if unavailable_reason("merged", "bf16"):
+        pytest.skip(unavailable_reason("merged", "bf16"))
+    shard = next(tiny.model.glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if ".experts." in k} == {"BF16"}
+    fp32 = tmp_path / "model-fp32"
+    shutil.copytree(tiny.model, fp32)
+    for shard in fp32.glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+    got = {}
+    for name, path in (("in place", tiny.model), ("converted", fp32)):
+        model, _ = load_model(path, tiny.adapter, experts_backend="kt", moe_lora="merged", dtype="bfloat16",
+                              device=DEVICE)
+        got[name] = logits(model, chat_prompts[0])
+        del model
+    assert torch.equal(got["in place"], got["converted"])
