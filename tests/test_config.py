@@ -96,6 +96,7 @@ def test_experts_backend_kt_needs_use_kt():
     ("top_p", "1.5"), ("top_k", "-1"), ("do_sample", "'yes please'"), ("repetition_penalty", "0"),
     ("use_kt", "1"), ("infer_backend", "tensorrt"), ("experts_backend", "gpu"), ("infer_dtype", "int8"),
     ("kt_num_threads", "0"), ("moe_lora", "fused"), ("model_name_or_path", "''"), ("model_name_or_path", "[a]"),
+    ("cuda_graphs", "'on'"), ("merge_peft_lora", "null"),
 ])
 def test_bad_values_name_key_and_value(tmp_path, key, value):
     path = write(tmp_path, f"model_name_or_path: m\n{key}: {value}\n")

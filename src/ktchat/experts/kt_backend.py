@@ -115,7 +115,7 @@ def _run_without_gil(pool, task) -> None:
     """_run for long tasks (kernel builds): kt_kernel's sync holds the GIL while it waits, which would stall
     every other Python thread of a parallel load. With CUDA, the task and its sync are queued on a side stream
     instead, and the wait is a CUDA event's, which releases the GIL."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not hasattr(pool, "submit_with_cuda_stream"):
         return _run(pool, task)
     with _pool_lock:
         stream = torch.cuda.Stream()
@@ -131,6 +131,7 @@ class KTExperts(ExpertsBackend):
     set_lora can be called again: to re-merge, switch kernels, or change rank."""
 
     name = "kt"
+    io_dtype = torch.bfloat16  # the kernels' activations, whatever the model's dtype
 
     def __init__(
         self,
@@ -315,9 +316,9 @@ class KTExperts(ExpertsBackend):
             _run(self._pool, call(*ptrs, False))
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
 
-    io_dtype = torch.bfloat16  # the kernels' activations, whatever the model's dtype
-
     def bind(self, x, topk_ids, topk_weights, out):
+        if torch.cuda.is_available() and not hasattr(self._pool, "submit_with_cuda_stream"):
+            return None  # a kt_kernel built without CUDA cannot queue its tasks on a stream
         self.prepare()
         spec, t = self.spec, x.shape[0]
         want = {"x": ((t, spec.hidden_size), torch.bfloat16), "topk_ids": ((t, spec.top_k), torch.int64),

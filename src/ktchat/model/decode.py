@@ -117,6 +117,10 @@ class StaticDecode:
             if self._graph is None:
                 return self._run()
             self._graph.replay()
+            # Wait here, asleep: generate's own sync right after would spin a core for the whole token, and the
+            # kt workers need every core they were given.
+            self._replayed.record()
+            self._replayed.synchronize()
             return self._output
         self._signature, self._rest, self._cache_key = signature, rest, signature[2]
         self._static = {k: v.clone() for k, v in tensors.items()}
@@ -171,6 +175,7 @@ class StaticDecode:
             self.cuda_graphs = False
             return
         self._graph, self._output = graph, output
+        self._replayed = torch.cuda.Event(blocking=True)
         logger.info("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
 
 

@@ -223,7 +223,8 @@ class ExpertLoading:
         self._blocks, self._bar = blocks, bar
         self._missing = {layer: 3 * b.cpu_experts.backend.spec.num_experts for layer, b in blocks.items()}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0))),
+        # A quarter of the cores: reads are copies from the page cache, and the kt builds need the rest.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(os.sched_getaffinity(0)) // 4)),
                                         thread_name_prefix="ktchat-load")
         self._futures, self._files = [], {}
 

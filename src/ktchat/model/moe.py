@@ -75,7 +75,9 @@ class CPUExperts(nn.Module):
         if staged[0] is _BOUND:
             stream = staged[1]
             self._bound[0].wait(stream)
-            return self._bound[1][3].to(like.device, non_blocking=True).to(like.dtype)
+            out = self._bound[1][3]  # the copy to the device first, then the cast there (a graph replays both)
+            out = out.to(like.device, non_blocking=True) if like.device.type != "cpu" else out.clone()
+            return out.to(like.dtype)
         (x, ids, weights), event = staged
         if event is None:
             return self.backend.forward(x, ids, weights).to(like.device, like.dtype)
