@@ -104,7 +104,8 @@ class StaticDecode:
 
     def _step(self, kwargs):
         tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
-        rest = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k not in _CACHE_KEYS}
+        # attention_mask (a tensor, or transformers 5's {layer type: mask}) is replaced by the step's own
+        rest = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k not in (*_CACHE_KEYS, "attention_mask")}
         try:
             signature = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(tensors.items())),
                          tuple(sorted(rest.items())), next(k for k in _CACHE_KEYS if k in kwargs))
