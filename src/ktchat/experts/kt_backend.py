@@ -306,15 +306,18 @@ class KTExperts(ExpertsBackend):
             bad = lo if lo < 0 else hi
             raise KTChatError(f"layer {spec.layer_idx}: expert id {bad} out of range 0..{spec.num_experts - 1}")
         out = torch.empty_like(xb)
-        sft = self._kernel_rank > 0
         for s in range(0, t, self.chunk_size):  # the kernel's buffers hold chunk_size tokens; more overruns the heap
-            n = min(self.chunk_size, t - s)
-            bsz = torch.tensor([n], dtype=torch.int32)  # per call: concurrent callers must not share it
-            ptrs = (bsz.data_ptr(), spec.top_k, ids[s].data_ptr(), w[s].data_ptr(), xb[s].data_ptr(), out[s].data_ptr())
-            # The last False: keep no backward cache (SFT) / not incremental (inference).
-            call = self._kernel.forward_sft_task if sft else self._kernel.forward_task
-            _run(self._pool, call(*ptrs, False))
+            bsz = torch.tensor([min(self.chunk_size, t - s)], dtype=torch.int32)  # per call: callers must not share it
+            _run(self._pool, self._task(bsz, ids[s], w[s], xb[s], out[s]))
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+    def _task(self, bsz, ids, weights, x, out):
+        """The kernel's forward task on these CPU buffers (bsz: int32 [1], the token count; the rest from their
+        first token): SFT kernel with the LoRA, or inference kernel. It keeps no backward cache (SFT) and is not
+        incremental (inference): the last False."""
+        call = self._kernel.forward_sft_task if self._kernel_rank > 0 else self._kernel.forward_task
+        return call(bsz.data_ptr(), self.spec.top_k, ids.data_ptr(), weights.data_ptr(), x.data_ptr(), out.data_ptr(),
+                    False)
 
     def bind(self, x, topk_ids, topk_weights, out):
         if torch.cuda.is_available() and not hasattr(self._pool, "submit_with_cuda_stream"):
@@ -341,9 +344,7 @@ class _BoundKT(BoundExperts):
         self._experts, self._buffers = experts, (x, topk_ids, topk_weights, out)  # the task points into these
         self._bsz = torch.tensor([x.shape[0]], dtype=torch.int32)
         self._kernel = experts._kernel
-        call = self._kernel.forward_sft_task if experts._kernel_rank > 0 else self._kernel.forward_task
-        self._task = call(self._bsz.data_ptr(), experts.spec.top_k, topk_ids.data_ptr(), topk_weights.data_ptr(),
-                          x.data_ptr(), out.data_ptr(), False)
+        self._task = experts._task(self._bsz, topk_ids, topk_weights, x, out)
 
     def submit(self, stream=None):
         if self._kernel is not self._experts._kernel:  # the LoRA was changed and the kernel rebuilt since
