@@ -43,6 +43,7 @@ class StaticDecode:
         self._signature = None
         self._static: dict[str, torch.Tensor] = {}
         self._graph = self._output = None
+        self._bound: list[CPUExperts] = []  # the experts bound to the step's fixed buffers
         # transformers 5.x renames past_key_values to cache, model by model: the forward's signature tells
         self._cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         model.generate, model.forward = self.generate, self.forward
@@ -126,6 +127,7 @@ class StaticDecode:
         self._signature, self._rest, self._cache_key = signature, rest, signature[2]
         self._static = {k: v.clone() for k, v in tensors.items()}
         self._graph = self._output = None
+        self._bound = [e for e in self._experts if e.bind(1)]
         if self._position() is None:
             logger.warning("static decode off: cannot tell the cache position from %s", sorted(kwargs))
             self._signature = None
@@ -146,22 +148,21 @@ class StaticDecode:
 
     def _run(self):
         """The step on the static buffers, eager or being captured; the mask shows the cache up to this token."""
-        dtype = self.model.dtype
-        hidden = torch.arange(self.cache_len, device=self._position().device) > self._position()
+        dtype, position = self.model.dtype, self._position()
+        hidden = torch.arange(self.cache_len, device=position.device) > position
         mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, torch.finfo(dtype).min)
-        bound = [e for e in self._experts if e.bind(1)]
-        for e in bound:
+        for e in self._bound:
             e.use_bound = True
         try:
             return self._forward(**self._static, **self._rest, attention_mask=mask.view(1, 1, 1, -1),
                                  **{self._cache_key: self.cache})
         finally:
-            for e in bound:
+            for e in self._bound:
                 e.use_bound = False
 
     def _capture(self) -> None:
         """Captures the step just run eagerly; capturing executes nothing, so the cache is written once."""
-        if not all(e.bind(1) for e in self._experts):
+        if len(self._bound) != len(self._experts):
             logger.warning("decode runs without CUDA graphs: the %s experts backend cannot be queued on a CUDA stream",
                            self._experts[0].backend.name)
             self.cuda_graphs = False
