@@ -96,10 +96,7 @@ def load_model(
         phases.done("PEFT channel")
     experts.wait()
     phases.done("experts")
-    backend_name = ""
-    for block in skeleton.moe_blocks.values():
-        block.experts.backend.prepare()  # no-op unless loading left one unprepared: never at the first token
-        backend_name = block.experts.backend.name
+    backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
     _decode_with_graphs(model, cuda_graphs)
     logger.info(
         "loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",

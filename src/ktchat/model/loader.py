@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapter.weights import ST_NAMES
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
@@ -209,13 +210,10 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     return experts
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 class ExpertLoading:
     """Routed experts being read on threads (os.preadv into each backend's own buffer: one copy, no GIL) and
     each layer prepared once all its experts are in. `wait` joins them, raises the first error and checks
-    that every expert weight arrived."""
+    that every expert weight arrived: once it returns, every layer's experts are prepared."""
 
     def __init__(self, blocks: dict[int, OffloadedMoE], bar):
         from concurrent.futures import ThreadPoolExecutor
@@ -258,7 +256,7 @@ class ExpertLoading:
         fd, header = self._file(file)
         entry = header.get(name)
         if slot is None or not slot.is_contiguous() or not isinstance(entry, dict) or \
-                _ST_DTYPES.get(entry.get("dtype")) != slot.dtype:
+                entry.get("dtype") != ST_NAMES.get(str(slot.dtype).removeprefix("torch.")):
             return False
         backend.filled(proj, expert, entry.get("shape", []), where)  # shape and duplicate checks first
         begin, end = entry["data_offsets"]
