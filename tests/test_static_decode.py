@@ -42,20 +42,8 @@ def eager_then_static(model, prompts, **kwargs):
     return eager, [scored(model, ids, **kwargs) for ids in prompts], sd
 
 
-def _static_capable():
-    from transformers import StaticCache  # noqa: F401
-
-    from ktchat.model.decode import _separate_value_width
-    from transformers.cache_utils import StaticLayer
-
-    if not _separate_value_width(StaticLayer):
-        pytest.skip("this transformers' StaticCache sizes values like keys (DeepSeek's MLA needs them apart): "
-                    "static decode stays off, decoding is eager")
-
-
-def test_static_cache_decode_equals_eager_and_reference(tiny, reference, chat_prompts):
+def test_static_cache_decode_equals_eager_and_reference(tiny, reference, chat_prompts, static_decode_capable):
     """torch experts in fp32: the static cache, the device-side mask and the position bookkeeping are exact."""
-    _static_capable()
     model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     eager, stat, sd = eager_then_static(model, chat_prompts)
     assert sd._signature is not None, "no decode step went through the static path"
@@ -64,10 +52,9 @@ def test_static_cache_decode_equals_eager_and_reference(tiny, reference, chat_pr
         assert rel_err(scores, eager_scores) < 1e-5
 
 
-def test_kt_experts_bound_in_the_decode_step(tiny, reference, chat_prompts):
+def test_kt_experts_bound_in_the_decode_step(tiny, reference, chat_prompts, static_decode_capable):
     """kt experts on fixed buffers, queued from the step (inside the CUDA graph on a GPU): same replies."""
     pytest.importorskip("kt_kernel")
-    _static_capable()
     model, tok = load_model(tiny.model, tiny.adapter, experts_backend="kt", dtype="float32", device=DEVICE)
     eager, stat, sd = eager_then_static(model, chat_prompts)
     assert sd._signature is not None
@@ -81,9 +68,8 @@ def test_kt_experts_bound_in_the_decode_step(tiny, reference, chat_prompts):
         assert answer in tok.decode(tokens, skip_special_tokens=True)
 
 
-def test_cache_regrows_and_other_calls_pass_through(tiny, chat_prompts):
+def test_cache_regrows_and_other_calls_pass_through(tiny, chat_prompts, static_decode_capable):
     """A longer request gets a longer cache; beams and batches take transformers' own path."""
-    _static_capable()
     model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     sd = static(model)
     ids = chat_prompts[0]
