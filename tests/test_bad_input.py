@@ -179,3 +179,17 @@ def test_corrupt_shard_index_is_one_clear_error(tiny, tmp_path):
         (model_dir / "model.safetensors.index.json").write_text(broken)
         with pytest.raises(KTChatError, match="model.safetensors.index.json: cannot read shard index"):
             load_model(model_dir, experts_backend="torch", device="cpu")
+
+
+def test_shard_cut_inside_an_expert_is_one_clear_error(tiny, tmp_path):
+    """The expert tensors are read on threads, and packed behind the reads: a shard that ends inside an expert
+    tensor is one error naming the shard, not a load that waits forever or packs half a layer."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny.model, model_dir)
+    shard = next(model_dir.glob("*.safetensors"))
+    size = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8:8 + size])
+    last = max((v["data_offsets"][1], k) for k, v in header.items() if ".experts." in k)
+    shard.write_bytes(shard.read_bytes()[: 8 + size + last[0] - 2])  # 2 bytes short of the end of that expert
+    with pytest.raises(KTChatError, match=shard.name):
+        load_model(model_dir, tiny.adapter, experts_backend="torch", device="cpu", dtype="bfloat16")

@@ -37,9 +37,9 @@ def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, mo
 
 
 def test_experts_read_in_place_equal_converted(tiny, tmp_path, chat_prompts):
-    """The tiny checkpoint is bf16: its experts are read by threads straight into the kt buffers (each layer
-    packed as it completes). An fp32 copy of it must be converted tensor by tensor instead. Same weights after
-    rounding: the same logits, bit for bit."""
+    """The tiny checkpoint is bf16: its experts are read by threads straight into the kt buffers (then each layer
+    packed on a thread). An fp32 copy of it must be converted tensor by tensor instead (and packed by the caller).
+    Same weights after rounding: the same logits, bit for bit."""
     pytest.importorskip("kt_kernel")
     import shutil
 

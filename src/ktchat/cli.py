@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import ChatConfig, load_config, parse_overrides
 from .errors import KTChatError
+from .runtime import wanted_environment
 
 logger = logging.getLogger("ktchat")
 
@@ -141,8 +142,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv=None) -> int:
     """Entry point of the `ktchat` console script; returns the exit status (2: user error, 130: Ctrl+C)."""
     args = build_parser().parse_args(argv)
-    # Before torch loads OpenMP: spinning idle threads steal the cores the CPU experts need (small VMs above all).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    wanted = wanted_environment()  # before torch loads: OpenMP and glibc read these once
+    os.environ.update(wanted)
+    if "GLIBC_TUNABLES" in wanted and argv is None:  # the console script: start again, glibc now asks for huge pages
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     logging.basicConfig(level=logging.INFO, format="[ktchat] %(message)s")
     try:
         return args.func(args)

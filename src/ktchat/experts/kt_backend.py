@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
-from .base import BoundExperts, ExpertsBackend, ExpertsSpec
+from .base import BoundExperts, ExpertsBackend, ExpertsSpec, huge_page_empty
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class KTExperts(ExpertsBackend):
         self._moe = kt_ext().moe
         self._pool = cpu_infer(num_threads)
         e = spec.num_experts
-        self.base = {p: torch.empty((e, *spec.weight_shape(p)), dtype=torch.bfloat16) for p in PROJS}
+        self.base = {p: huge_page_empty((e, *spec.weight_shape(p)), torch.bfloat16) for p in PROJS}
         # Everything the kernel keeps a raw pointer to lives on self as long as the kernel does.
         self._gpu_mask = torch.zeros(e, dtype=torch.bool)  # no expert of this layer lives on a GPU
         self._p2l = torch.arange(e, dtype=torch.int64)  # physical -> logical expert id: identity

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
-from .base import ExpertsBackend, ExpertsSpec
+from .base import ExpertsBackend, ExpertsSpec, huge_page_empty
 
 MODES = ("exact", "merged")
 
@@ -24,7 +24,7 @@ class TorchExperts(ExpertsBackend):
             raise KTChatError(f"torch experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
         self.moe_lora = moe_lora
         e = spec.num_experts
-        self.weights = {p: torch.empty((e, *spec.weight_shape(p)), dtype=spec.dtype) for p in PROJS}
+        self.weights = {p: huge_page_empty((e, *spec.weight_shape(p)), spec.dtype) for p in PROJS}
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def _store(self, proj, expert, tensor):

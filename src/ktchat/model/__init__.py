@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..errors import KTChatError
-from .channels import load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
+from ..runtime import huge_pages_hint
+from .channels import ExpertLoRAInstall, load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
 from .registry import ARCHS, MoEArch, arch_for
 
 __all__ = ["ARCHS", "MoEArch", "load_model", "load_moe_lora_from_adapter", "offloaded_blocks"]
@@ -72,29 +73,35 @@ def load_model(
     plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
     phases = _Phases(start)
     phases.done("setup")
-    # The expert LoRA goes in before the weights: each layer's kernel is built (LoRA included) as soon as its
-    # experts are read, while the rest of the checkpoint loads.
-    n_routed = load_moe_lora_from_adapter(skeleton.model, adapter, arch=arch) if adapter else 0
-    phases.done("expert LoRA")
-    experts = load_checkpoint(skeleton, model_dir, placement, dtype)
-    with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
-        dispatch(skeleton.model, placement)
-        phases.done("checkpoint but the experts")
-        model = skeleton.model.eval()
-        if (model_dir / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(model_dir)
-        if adapter is not None:
-            peft_modules, _ = plan
-            if peft_modules:
-                model = load_peft_channel(model, adapter, peft_modules).eval()
-            if merge_peft_lora and peft_modules:
-                model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
-            logger.info(
-                "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
-                adapter.path, len(peft_modules), describe(placement), n_routed,
-            )
-        phases.done("PEFT channel")
-    experts.wait()
+    peft_modules, routed = plan or ({}, {})
+    # Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
+    # included) once the experts are read.
+    lora = ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else None
+    try:
+        experts = load_checkpoint(skeleton, model_dir, placement, dtype, before_prepare=lora and lora.wait)
+        with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
+            dispatch(skeleton.model, placement)
+            phases.done("checkpoint but the experts")
+            model = skeleton.model.eval()
+            if (model_dir / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(model_dir)
+            if adapter is not None:
+                if peft_modules:
+                    model = load_peft_channel(model, adapter, peft_modules).eval()
+                if merge_peft_lora and peft_modules:
+                    model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
+                logger.info(
+                    "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
+                    adapter.path, len(peft_modules), describe(placement), lora.count if lora else 0,
+                )
+            phases.done("PEFT channel")
+        experts.wait()
+    except BaseException:
+        if lora:
+            lora.close(cancel=True)
+        raise
+    if lora:
+        lora.close()
     phases.done("experts")
     backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
     _decode_with_graphs(model, cuda_graphs)
@@ -103,6 +110,8 @@ def load_model(
         model_dir.name, time.perf_counter() - start, phases, len(skeleton.moe_blocks), backend_name,
         str(dtype).removeprefix("torch."), describe(placement),
     )
+    if "kt" in backend_name and (hint := huge_pages_hint()):
+        logger.info(hint)
     return model, tokenizer
 
 

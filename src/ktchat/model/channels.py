@@ -147,12 +147,43 @@ def load_moe_lora_from_adapter(model: nn.Module, adapter_path, *, arch: MoEArch 
     _, routed = split_channels(adapter, arch.expert_path)
     shapes = ModelShapes(model)
     check_channels(adapter, ({}, routed), shapes)
-    stacked = {layer: {} for layer in shapes.blocks}
-    for (layer, proj), lora in routed.items():
-        stacked[layer][proj] = lora.stack(shapes.blocks[layer].experts.backend.spec.dtype)
+    stacked = {layer: stack_expert_lora(block, routed) for layer, block in shapes.blocks.items()}
     for layer, block in shapes.blocks.items():
         block.experts.backend.set_lora(stacked[layer])
     return sum(lora.num_experts for lora in routed.values())
+
+
+def stack_expert_lora(block: OffloadedMoE, routed: dict) -> dict:
+    """One layer's expert LoRA ({(layer, proj): ExpertLoRA}, checked by plan_adapter) read and stacked for its
+    backend's set_lora: {proj: StackedLoRA}, empty where the adapter has none for this layer."""
+    spec = block.experts.backend.spec
+    return {proj: lora.stack(spec.dtype) for (layer, proj), lora in routed.items() if layer == spec.layer_idx}
+
+
+class ExpertLoRAInstall:
+    """Each layer's expert LoRA read, stacked and installed on a thread of its own, in layer order, while the
+    checkpoint streams in: it was a second of loading before the first expert could be read. `wait(layer)` blocks
+    until that layer's LoRA is in (a layer's kernel is built with it) and raises what went wrong there."""
+
+    def __init__(self, blocks: dict[int, OffloadedMoE], routed: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktchat-lora")
+        self._done = {layer: self._pool.submit(self._install, blocks[layer], routed) for layer in sorted(blocks)}
+        self.count = sum(lora.num_experts for lora in routed.values())
+
+    @staticmethod
+    def _install(block: OffloadedMoE, routed: dict) -> None:
+        block.experts.backend.set_lora(stack_expert_lora(block, routed))
+
+    def wait(self, layer: int) -> None:
+        self._done[layer].result()
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if not cancel:
+            for future in self._done.values():
+                future.result()
 
 
 def _config_of(model: nn.Module):
