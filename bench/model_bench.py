@@ -2,7 +2,7 @@
 plain transformers on the GPU (with and without the adapter). No downloads: weights and adapter are random.
 
     python bench/model_bench.py --layers 27 --out /tmp/bench            # the whole table
-    python bench/model_bench.py --layers 4 --variants kt-exact kt-exact-nooverlap
+    python bench/model_bench.py --layers 4 --variants hf kt-exact kt-exact-eager
 
 Each variant runs in its own process (clean CPU/GPU memory peaks); the parent prints medians and ratios.
 """
@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ktchat.runtime import wanted_environment
+
+os.environ.update({k: v for k, v in wanted_environment().items() if k != "GLIBC_TUNABLES"})  # that one: at start
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 V2_LITE = {
@@ -44,7 +46,6 @@ VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix s
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
     "kt-exact": ("ktchat", dict(KT, moe_lora="exact")),
     "kt-exact-eager": ("ktchat", dict(KT, moe_lora="exact", cuda_graphs=False)),
-    "kt-exact-nooverlap": ("ktchat", dict(KT, moe_lora="exact", overlap=False)),
     "kt-exact-peftmerged": ("ktchat", dict(KT, moe_lora="exact", merge_peft_lora=True)),
     "kt-merged-bf16": ("ktchat", dict(KT, moe_lora="merged")),
     "kt-merged-int8": ("ktchat", dict(KT, moe_lora="merged", kt_method="int8")),
@@ -261,16 +262,26 @@ def decode_breakdown(static, repeats: int = 20) -> dict:
     return {"replay_ms": 1000 * statistics.median(replay), "experts_ms": 1000 * statistics.median(cpu)}
 
 
-def cpu_bandwidth_gbs(gib: float = 4.0, repeats: int = 8) -> float:
-    """Read bandwidth: an fp32 reduction (vectorised, one thread per core) over a tensor far larger than the
-    caches; the best of `repeats`, so the floor derived from it is the strictest."""
+def cpu_bandwidth_gbs(gib: float = 4.0, repeats: int = 8) -> dict[str, float]:
+    """Read bandwidth: an fp32 reduction (vectorised) over a tensor far larger than the caches, the best of
+    `repeats`: one thread per core on 4 KiB and on huge pages (fewer TLB misses; the highest sets the floor, the
+    strictest), and on huge pages with as many threads as the kt workers get (what the experts can draw on)."""
     import torch
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    x.sum()
-    best = min(timed(x.sum) for _ in range(repeats))
-    return x.numel() * 4 / best / 1e9
+    from ktchat.experts.base import huge_page_empty
+    from ktchat.experts.kt_backend import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    result = {}
+    for name, threads, alloc in (("4k pages", cores, torch.empty), ("huge pages", cores, huge_page_empty),
+                                 (f"huge pages, {default_threads()} threads", default_threads(), huge_page_empty)):
+        torch.set_num_threads(threads)
+        x = alloc((int(gib * 2**30 / 4),), dtype=torch.float32)
+        x.fill_(1)
+        x.sum()
+        result[name] = x.numel() * 4 / min(timed(x.sum) for _ in range(repeats)) / 1e9
+        del x
+    return result
 
 
 def main() -> None:
@@ -305,7 +316,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--layers", str(args.layers), "--rank", str(args.rank),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--run", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # Every variant runs in the process environment the ktchat command gives itself (huge pages, OpenMP).
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **wanted_environment()})
         if proc.returncode:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
@@ -315,13 +327,15 @@ def main() -> None:
     report(rows, args, bw)
 
 
-def report(rows: list[dict], args, bw: float) -> None:
+def report(rows: list[dict], args, bandwidth: dict[str, float]) -> None:
     cfg = dict(V2_LITE, num_hidden_layers=args.layers)
     moe_layers = args.layers - cfg["first_k_dense_replace"]
     active = moe_layers * cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+    bw = max(bandwidth.values())
     floor = {"bf16": bw * 1e9 / (active * 2), "int8": bw * 1e9 / active}
     resident = non_expert_bytes(cfg) / 2**30
-    print(f"\nCPU read bandwidth {bw:.0f} GB/s; active routed-expert bytes per token: bf16 {active * 2 / 1e9:.2f} GB, "
+    pages = ", ".join(f"{k} {v:.0f}" for k, v in bandwidth.items())
+    print(f"\nCPU read bandwidth {bw:.0f} GB/s ({pages}); active routed-expert bytes per token: bf16 {active * 2 / 1e9:.2f} GB, "
           f"int8 {active / 1e9:.2f} GB; decode floor: bf16 {floor['bf16']:.1f} tok/s, int8 {floor['int8']:.1f} tok/s; "
           f"non-expert weights {resident:.2f} GiB")
     by = {r["variant"]: r for r in rows}
