@@ -11,25 +11,26 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# What turns a KTCHAT_* switch off. This module imports nothing but os: the LLaMA-Factory startup hook reads it.
 OFF_VALUES = ("0", "false", "off", "no")
 
 
-def huge_pages_on_request(thp_enabled: Path = THP_ENABLED) -> bool:
+def huge_pages_on_request(thp_enabled=THP_ENABLED) -> bool:
     """True where the kernel gives transparent huge pages only to memory that asks (and glibc can ask)."""
     try:
         libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"; absent on musl and others
         if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):  # the tunable came in 2.35
             return False
-        return "[madvise]" in thp_enabled.read_text()
+        with open(thp_enabled) as f:
+            return "[madvise]" in f.read()
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def wanted_environment(env=None, thp_enabled: Path = THP_ENABLED) -> dict[str, str]:
+def wanted_environment(env=None, thp_enabled=THP_ENABLED) -> dict[str, str]:
     """The variables to add to `env` (default os.environ) for a process that runs CPU experts."""
     env = os.environ if env is None else env
     wanted = {}

@@ -7,9 +7,10 @@ must start whatever happens here (KTCHAT_DEBUG=1 prints what went wrong). KTCHAT
 
 import os
 
+from ..runtime import OFF_VALUES
+
 # The keys of ktchat.integrations.llamafactory.hook.HOOKS (a test keeps the two equal).
 MODULES = ("llamafactory.chat.chat_model", "llamafactory.chat.hf_engine", "llamafactory.train.tuner")
-OFF_VALUES = ("0", "false", "off", "no")
 
 
 def _patch(module) -> None:

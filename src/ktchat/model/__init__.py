@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -76,8 +77,7 @@ def load_model(
     peft_modules, routed = plan or ({}, {})
     # Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
     # included) once the experts are read.
-    lora = ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else None
-    try:
+    with ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else contextlib.nullcontext() as lora:
         experts = load_checkpoint(skeleton, model_dir, placement, dtype, before_prepare=lora and lora.wait)
         with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
             dispatch(skeleton.model, placement)
@@ -96,12 +96,6 @@ def load_model(
                 )
             phases.done("PEFT channel")
         experts.wait()
-    except BaseException:
-        if lora:
-            lora.close(cancel=True)
-        raise
-    if lora:
-        lora.close()
     phases.done("experts")
     backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
     _decode_with_graphs(model, cuda_graphs)

@@ -179,9 +179,13 @@ class ExpertLoRAInstall:
     def wait(self, layer: int) -> None:
         self._done[layer].result()
 
-    def close(self, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
-        if not cancel:
+    def __enter__(self) -> "ExpertLoRAInstall":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        """Joins the thread; after an error elsewhere drops what is left, else raises what went wrong here."""
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
             for future in self._done.values():
                 future.result()
 

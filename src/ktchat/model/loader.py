@@ -187,8 +187,10 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     with experts.cancel_on_error():
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
-        in_place = {name for name in sorted((n for n in files if n in expert_keys), key=expert_keys.__getitem__)
-                    if experts.read_into_slot(files[name], name, *expert_keys[name], f"{files[name].name}: {name}")}
+        in_place = set()
+        for name in sorted((n for n in files if n in expert_keys), key=expert_keys.__getitem__):
+            if experts.read_into_slot(files[name], name, *expert_keys[name], f"{files[name].name}: {name}"):
+                in_place.add(name)
         experts.pack_after_reads()
         for file, names in by_file.items():
             try:

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ...runtime import OFF_VALUES
+
 PTH_NAME = "ktchat-llamafactory.pth"
 PTH_TEXT = (
     "# ktchat: `llamafactory-cli chat|api|webchat` with use_kt: true load through ktchat (docs/llamafactory.md).\n"
     "# Turn off: KTCHAT_LLAMAFACTORY_HOOK=0, or `python -m ktchat.integrations.llamafactory disable`.\n"
     'import importlib.util as _u; _u.find_spec("ktchat") and __import__("ktchat.integrations._startup")\n'
 )
-OFF_VALUES = ("0", "false", "off", "no")  # as in ktchat.integrations._startup
 
 
 def pth_path(site_dir=None) -> Path:
