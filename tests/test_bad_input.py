@@ -193,3 +193,24 @@ def test_shard_cut_inside_an_expert_is_one_clear_error(tiny, tmp_path):
     shard.write_bytes(shard.read_bytes()[: 8 + size + last[0] - 2])  # 2 bytes short of the end of that expert
     with pytest.raises(KTChatError, match=shard.name):
         load_model(model_dir, tiny.adapter, experts_backend="torch", device="cpu", dtype="bfloat16")
+
+
+def test_packing_stops_at_a_read_cancelled_by_shutdown():
+    """When loading fails, shutdown(cancel_futures=True) drains the queued reads; the packing task can be taken off
+    the queue at that moment and find its reads cancelled. concurrent.futures.wait never wakes on such a future:
+    the test above hung CI that way, 1 time in 6 on a 2-core machine. The packing must give up at once."""
+    import threading
+    from concurrent.futures import Future
+
+    from tqdm.auto import tqdm
+
+    from ktchat.model.loader import ExpertLoading
+
+    loading = ExpertLoading({}, tqdm(disable=True))
+    read = Future()
+    read.cancel()
+    packing = threading.Thread(target=loading._pack_after, args=([read],), daemon=True)
+    packing.start()
+    packing.join(timeout=30)
+    assert not packing.is_alive(), "the packing waits forever on a read that shutdown cancelled"
+    loading.wait()

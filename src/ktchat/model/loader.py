@@ -330,11 +330,14 @@ class ExpertLoading:
             self._bar.update(1)
 
     def _pack_after(self, reads) -> None:
-        from concurrent.futures import wait
-
-        wait(reads)  # all queued ahead of this task: running or done, never waiting for this thread
-        if not any(f.cancelled() or f.exception() is not None for f in reads):
-            self._pack_complete()
+        # Future.result, not concurrent.futures.wait: shutdown(cancel_futures=True) can drain a read from the queue
+        # while this task is being taken off it, and a future cancelled that way never wakes wait() (it hung CI).
+        for read in reads:
+            try:
+                read.result()
+            except Exception:  # failed or cancelled: wait() raises it
+                return
+        self._pack_complete()
 
     def _pack_complete(self) -> None:
         for layer, block in sorted(self._blocks.items()):
