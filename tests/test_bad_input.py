@@ -198,7 +198,7 @@ def test_shard_cut_inside_an_expert_is_one_clear_error(tiny, tmp_path):
 def test_packing_stops_at_a_read_cancelled_by_shutdown():
     """When loading fails, shutdown(cancel_futures=True) drains the queued reads; the packing task can be taken off
     the queue at that moment and find its reads cancelled. concurrent.futures.wait never wakes on such a future:
-    the test above hung CI that way, 1 time in 6 on a 2-core machine. The packing must give up at once."""
+    the test above hung CI that way (here: 1 run in 6 to 12 on 2 cores). The packing must give up at once."""
     import threading
     from concurrent.futures import Future
 

@@ -335,7 +335,7 @@ class ExpertLoading:
         for read in reads:
             try:
                 read.result()
-            except Exception:  # failed or cancelled: wait() raises it
+            except Exception:  # failed or cancelled: ExpertLoading.wait raises the error
                 return
         self._pack_complete()
 
