@@ -157,9 +157,9 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
 
     Routed-expert tensors are read by a pool of threads straight from the file into their backend's buffers,
     then each layer's experts are prepared (packed, LoRA folded) in turn. This returns once everything else is in
-    place, with the experts still loading: the caller can do other work, then must call `.wait()`. `placement` is a device, or {module name: device} (a device map;
-    "" is the whole model). `before_prepare(layer)` runs (on a loading thread) before a layer is prepared:
-    it waits for what else the layer's kernel needs (its LoRA).
+    place, with the experts still loading: the caller can do other work, then must call `.wait()`. `placement` is
+    a device, or {module name: device} (a device map; "" is the whole model). `before_prepare(layer)` runs (on a
+    loading thread) before a layer is prepared: it waits for what else the layer's kernel needs (its LoRA).
     """
     from safetensors import safe_open
     from tqdm.auto import tqdm
