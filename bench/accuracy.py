@@ -18,7 +18,7 @@ from reference import chat_prompt_ids, load_reference, logits, merge_by_hand, ra
 
 from ktchat import load_model  # noqa: E402
 from ktchat.experts.kt_backend import unavailable_reason  # noqa: E402
-from ktchat.tiny import build_tiny  # noqa: E402
+from ktchat.tinymodels import build_tiny  # noqa: E402
 
 MODES = [("torch", "exact", None), ("kt", "exact", "bf16"), ("kt", "merged", "bf16"), ("kt", "merged", "int8"),
          ("kt", "exact", "int8")]

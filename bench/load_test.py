@@ -44,7 +44,7 @@ def free_port() -> int:
 def start_server(config: str, log_path: Path, *extra: str, command=None, env=None, timeout: float = 180.0):
     """`ktchat api` in a subprocess on a free port; returns (process, base url) once /health answers."""
     port = free_port()
-    cmd = [*(command or [sys.executable, "-m", "ktchat.serve"]), str(config), "--port", str(port), *extra]
+    cmd = [*(command or [sys.executable, "-m", "ktchat.cli", "api"]), str(config), "--port", str(port), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny DeepSeek-V2 model + trained all-target adapter, built once into a persistent cache."""
-    from ktchat.tiny import build_tiny
+    from ktchat.tinymodels import build_tiny
 
     return build_tiny(Path(os.environ.get("KTCHAT_TEST_CACHE", REPO / ".cache" / "tiny")))
 
@@ -50,7 +50,7 @@ def reference_without_expert_lora(tiny):
 @pytest.fixture(scope="session")
 def tiny_family():
     """family name -> that family's tiny model + trained adapter, cached beside `tiny` (.cache/tiny-<family>)."""
-    from ktchat.tiny import build_tiny
+    from ktchat.tinymodels import build_tiny
 
     root = Path(os.environ.get("KTCHAT_TEST_CACHE", REPO / ".cache" / "tiny"))
     built = {}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ktchat.cli import WELCOME, main
+from ktchat.cli import main
+from ktchat.cli.chat import WELCOME
 from ktchat.config import GenerationArgs
 
 KTCHAT = Path(sys.executable).parent / "ktchat"
@@ -36,7 +37,7 @@ def test_help_is_fast_and_does_not_import_torch():
     assert result.returncode == 0 and "chat" in result.stdout and "demo" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "ktchat.cli" in imported
-    assert not {"torch", "transformers", "ktchat.model", "ktchat.chat"} & imported
+    assert not {"torch", "transformers", "ktchat.model", "ktchat.generate.session"} & imported
     assert elapsed < 5, elapsed
 
 
@@ -82,7 +83,7 @@ def write_chat_config(tmp_path, tiny) -> Path:
 
 
 def test_chat_answers_trained_questions(tmp_path, tiny):
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     (q1, a1), (q2, a2), (q3, a3) = TRAINED_QA
     result = run("chat", str(write_chat_config(tmp_path, tiny)), stdin=f"{q1}\n{q2}\nclear\n{q3}\nexit\n")
@@ -104,7 +105,7 @@ def test_chat_exits_0_at_end_of_input(tmp_path, tiny):
 
 
 def test_demo_reuses_cache_and_answers(tiny):
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     question, answer = TRAINED_QA[0]
     result = run("demo", "--cache", str(tiny.root), stdin=f"{question}\nexit\n")
@@ -118,12 +119,12 @@ def test_demo_reuses_cache_and_answers(tiny):
 
 def test_chat_session_keeps_history_and_reraises(tiny):
     """ChatSession in-process: history grows by turn, clear empties it, generate's errors reach the caller."""
-    from ktchat.chat import ChatSession
+    from ktchat.generate import ChatSession, Prompts
     from ktchat.model import load_model
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     model, tokenizer = load_model(tiny.model, tiny.adapter, experts_backend="torch", device="cpu")
-    session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=40))
+    session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=40), Prompts(model, tokenizer))
     (q1, a1), (q2, a2), _ = TRAINED_QA
     pieces = list(session.stream(q1))
     assert len(pieces) > 1 and a1 in "".join(pieces)

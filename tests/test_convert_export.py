@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ktchat import KTChatError
 from ktchat.adapter.writer import convert
-from ktchat.adapter_cli import add_adapter_commands
-from ktchat.export import export_merged
+from ktchat.cli.adapter import add_command as add_adapter_commands
+from ktchat.model.export import export_merged
 
 from reference import load_reference, logits, read_checkpoint, rel_err
 from test_layouts import kt_kernel_written, peft_v5_by_hand, rewrite

@@ -21,7 +21,7 @@ from ktchat import load_model
 from ktchat.model import offloaded_blocks
 from ktchat.model.moe import OffloadedMoE
 from ktchat.model.registry import ARCHS
-from ktchat.tiny import TRAINED_QA
+from ktchat.tinymodels import TRAINED_QA
 
 from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ktchat import load_model
-from ktchat.tiny import TRAINED_QA
+from ktchat.tinymodels import TRAINED_QA
 
 from reference import DEVICE, greedy, logits, rel_err
 

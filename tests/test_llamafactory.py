@@ -188,7 +188,7 @@ def test_pth_file_installs_the_hook_at_startup_and_imports_nothing_heavy(tmp_pat
 
 @pytest.mark.skipif(HAS_LF, reason="checks the environment without LLaMA-Factory")
 def test_templates_by_name_need_llamafactory():
-    from ktchat.integrations.llamafactory import llamafactory_template
+    from ktchat.generate import llamafactory_template
 
     assert llamafactory_template(object(), "deepseek") is None
 
@@ -204,12 +204,12 @@ LF_TIMEOUT = 300
 def lf_tiny():
     """The tiny model + adapter, built by the main environment's transformers when it is there (as scripts/test.sh
     has done before this file runs), else here."""
-    from ktchat.tiny import build_tiny
+    from ktchat.tinymodels import build_tiny
 
     root = Path(os.environ.get("KTCHAT_TEST_CACHE", REPO / ".cache" / "tiny"))
     main_python = REPO / ".venv" / "bin" / "python"
     if main_python.exists() and Path(sys.executable).parent != main_python.parent:
-        subprocess.run([str(main_python), "-c", f"from ktchat.tiny import build_tiny; build_tiny({str(root)!r})"],
+        subprocess.run([str(main_python), "-c", f"from ktchat.tinymodels import build_tiny; build_tiny({str(root)!r})"],
                        check=True, cwd=REPO, timeout=600)
     return build_tiny(root)
 
@@ -253,7 +253,7 @@ def _assert_loaded_by_ktchat(stderr: str, threads: int = 1) -> None:
 
 @needs_lf
 def test_llamafactory_cli_chat_answers_through_ktchat(lf_config):
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     stdin = "".join(f"{question}\nclear\n" for question, _ in TRAINED_QA) + "exit\n"
     out = _lf_cli("chat", lf_config(), stdin=stdin)
@@ -279,7 +279,7 @@ def _http(url: str, payload=None, timeout=120):
 
 @needs_lf
 def test_llamafactory_cli_api_answers_through_ktchat(lf_config, tmp_path):
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     port = _free_port()
     log = open(tmp_path / "api.log", "w+")
@@ -337,7 +337,7 @@ print("REPLIES=" + json.dumps(replies))
 @needs_lf
 def test_webchat_model_answers_through_ktchat(lf_config):
     """webchat's UI needs gradio, which this environment leaves out; WebChatModel is what that UI drives."""
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     questions = json.dumps([q for q, _ in TRAINED_QA])
     out = subprocess.run([sys.executable, "-c", WEBCHAT_SCRIPT, str(lf_config()), questions], capture_output=True,
@@ -378,7 +378,7 @@ print("SETTINGS", hasattr(hooked(dict(args))[0], "ktchat_settings"))
 
 @needs_lf
 def test_without_use_kt_the_hook_stays_out_of_the_way(lf_config, lf_tiny):
-    from ktchat.tiny import TRAINED_QA
+    from ktchat.tinymodels import TRAINED_QA
 
     out = _lf_cli("chat", lf_config(use_kt=False, cpu_infer=None, kt_optimize_rule=None, chunk_size=None),
                   stdin=f"{TRAINED_QA[0][0]}\nexit\n")
@@ -396,7 +396,7 @@ def test_without_use_kt_the_hook_stays_out_of_the_way(lf_config, lf_tiny):
 def test_llamafactory_templates_by_name(lf_tiny):
     from transformers import AutoTokenizer
 
-    from ktchat.integrations.llamafactory import llamafactory_template
+    from ktchat.generate import llamafactory_template
 
     tokenizer = AutoTokenizer.from_pretrained(lf_tiny.model)
     template = llamafactory_template(tokenizer, "deepseek")
@@ -410,14 +410,13 @@ def test_llamafactory_templates_by_name(lf_tiny):
 @needs_lf
 def test_ktchat_chat_formats_prompts_with_the_named_template(lf_tiny):
     """`ktchat chat` with `template: NAME` and LLaMA-Factory installed: prompts are LLaMA-Factory's."""
-    from ktchat.chat import ChatSession
     from ktchat.config import GenerationArgs
-    from ktchat.integrations.llamafactory import llamafactory_template
+    from ktchat.generate import ChatSession, Prompts
     from ktchat.model import load_model
 
     model, tokenizer = load_model(lf_tiny.model, lf_tiny.adapter, experts_backend="torch", dtype="float32", device="cpu")
-    template = llamafactory_template(tokenizer, "deepseek")
-    session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False, default_system="Be brief."), template)
-    ids = session._encode(session._messages("Hi"))["input_ids"][0].tolist()
-    assert ids == template.encode([{"role": "user", "content": "Hi"}], "Be brief.")
+    prompts = Prompts.named(model, tokenizer, "deepseek", default_system="Be brief.")
+    session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False), prompts)
+    ids = session.input_ids("Hi")[0].tolist()
+    assert tokenizer.decode(ids) == "<|begin|>Be brief.\n\nUser: Hi\n\nAssistant:"
     assert tokenizer.eos_token_id in session._generate_kwargs["eos_token_id"]

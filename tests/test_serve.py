@@ -19,8 +19,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from ktchat.serve import add_api_command, listen_settings  # noqa: E402
-from ktchat.tiny import TRAINED_QA  # noqa: E402
+from ktchat.cli.api import add_command as add_api_command, listen_settings  # noqa: E402
+from ktchat.tinymodels import TRAINED_QA  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -350,11 +350,13 @@ def test_engine_fifo_queue_cancel_errors_and_close(tiny):
     from transformers import AutoTokenizer
 
     from ktchat.config import GenerationArgs
-    from ktchat.serve_engine import Engine, QueueFull
+    from ktchat.generate.engine import Engine, QueueFull
 
-    model, events = FakeModel(), []
-    engine = Engine(model, AutoTokenizer.from_pretrained(tiny.model), GenerationArgs(do_sample=False,
-                    max_new_tokens=4), queue_size=2)
+    from ktchat.generate import Prompts
+
+    model, events, tokenizer = FakeModel(), [], AutoTokenizer.from_pretrained(tiny.model)
+    engine = Engine(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=4), Prompts(model, tokenizer),
+                    queue_size=2)
     jobs = [engine.prepare([{"role": "user", "content": f"q{i}"}], lambda k, p, i=i: events.append((i, k, p)))
             for i in range(5)]
     engine.submit(jobs[0])

@@ -9,7 +9,7 @@ import torch
 
 from ktchat import KTChatError, load_model
 from ktchat.model.decode import enable_static_decode
-from ktchat.tiny import TRAINED_QA
+from ktchat.tinymodels import TRAINED_QA
 
 from reference import DEVICE, greedy, rel_err
 

@@ -1,4 +1,4 @@
-"""`ktchat inspect | convert | export`: thin commands over ktchat.adapter and ktchat.export.
+"""`ktchat inspect | convert | export`: thin commands over ktchat.adapter and ktchat.model.export.
 
 Nothing heavy is imported until a command runs, so `ktchat --help` stays instant. Errors are KTChatError, which
 `ktchat.cli.main` prints as one line with exit status 2; `inspect` exits 1 when it finds problems.
@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_adapter_commands(subparsers) -> None:
+def add_command(subparsers) -> None:
     """Adds the three adapter commands to ktchat's subparsers."""
     p = subparsers.add_parser("inspect", help="list every LoRA module of an adapter, its channel, rank, scale and "
                               "dtype, and every problem found")
@@ -48,12 +48,12 @@ def add_adapter_commands(subparsers) -> None:
 def cmd_inspect(args) -> int:
     from pathlib import Path
 
-    from .adapter import GENERIC_EXPERTS
-    from .adapter.report import inspect_adapter
+    from ..adapter import GENERIC_EXPERTS
+    from ..adapter.report import inspect_adapter
 
     experts, base = GENERIC_EXPERTS, None
     if args.model:
-        from .export import CheckpointShapes, expert_path_for
+        from ..model.export import CheckpointShapes, expert_path_for
 
         experts = expert_path_for(Path(args.model))
         base = CheckpointShapes(Path(args.model), experts)
@@ -86,7 +86,7 @@ def _report_json(report) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .adapter.writer import convert
+    from ..adapter.writer import convert
 
     dtype = None
     if args.expert_dtype:
@@ -100,7 +100,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_merged
+    from ..model.export import export_merged
 
     summary = export_merged(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     logger.info("wrote %s: %d LoRA modules merged, %d shards, %.1f MB", args.out, summary["merged_modules"],

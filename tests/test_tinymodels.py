@@ -1,4 +1,4 @@
-"""Tests of ktchat.tiny: the offline tiny DeepSeek-V2 checkpoint, tokenizer and per-expert LoRA adapter."""
+"""Tests of ktchat.tinymodels: the offline tiny DeepSeek-V2 checkpoint, tokenizer and per-expert LoRA adapter."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import ktchat.tiny as tiny  # noqa: E402
-from ktchat.tiny import TRAINED_QA, TinyPaths, build_tiny  # noqa: E402
+import ktchat.tinymodels as tiny  # noqa: E402
+from ktchat.tinymodels import TRAINED_QA, TinyPaths, build_tiny  # noqa: E402
 
 torch = pytest.importorskip("torch")
 

@@ -16,9 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from .chat import cancel_criterion, eos_and_pad, generation_kwargs, prompt_text
-from .config import GenerationArgs
-from .errors import KTChatError
+from ..config import GenerationArgs
+from ..errors import KTChatError
+from .prompts import Prompts
+from .session import cancel_criterion
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +138,14 @@ class _ReplyStreamer:
 
 class Engine:
     """Owns the model, the tokenizer and the worker; the HTTP layer only prepares, submits and cancels jobs.
-    The model and tokenizer are the ones `ktchat chat` uses (cli.open_session), so replies match it."""
+    Model, tokenizer and prompts are the ones `ktchat chat` uses (generate.open_session), so replies match it."""
 
-    def __init__(self, model, tokenizer, generation: GenerationArgs, queue_size: int = 16):
+    def __init__(self, model, tokenizer, generation: GenerationArgs, prompts: Prompts, queue_size: int = 16):
         if queue_size < 1:
             raise KTChatError(f"queue size must be an integer >= 1 (got {queue_size!r})")
         self.model, self.tokenizer, self.defaults, self.queue_size = model, tokenizer, generation, queue_size
-        self._eos, self._pad = eos_and_pad(model, tokenizer)
-        self.eos_ids = set(self._eos)
+        self.prompts = prompts
+        self.eos_ids = set(prompts.stop_ids)
         config = getattr(model, "config", None)
         self.vocab_size = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -160,16 +161,14 @@ class Engine:
 
     # --- tokenizer ----------------------------------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> list[int]:
-        """Prompt ids as `ktchat chat` builds them: the chat template, then no extra special tokens."""
+        """Prompt ids as `ktchat chat` builds them (the same Prompts)."""
         with self._tokenizer_lock:
-            return list(self.tokenizer(prompt_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"])
+            return self.prompts.encode(messages)
 
     def prepare(self, messages: list[dict], on_event, *, max_tokens: Optional[int] = None, stop=(), seed=None,
                 logit_bias: Optional[dict] = None, **overrides) -> Job:
         """A job for these messages, sized to the context. LLaMA-Factory's rule for settings: the YAML's are the
         defaults, the request's temperature/top_p/do_sample override them, temperature 0 means greedy."""
-        if self.defaults.default_system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.defaults.default_system}, *messages]
         try:
             prompt = self.encode(messages)
         except Exception as exc:  # the template's own raise_exception, or one that cannot render these
@@ -266,7 +265,7 @@ class Engine:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        kwargs = generation_kwargs(job.generation, self._eos, self._pad)
+        kwargs = self.prompts.generate_kwargs(job.generation)
         if kwargs["do_sample"] and job.seed is not None:
             torch.manual_seed(job.seed)
         elif kwargs["do_sample"]:

@@ -16,10 +16,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from .adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
-from .errors import KTChatError
-from .model.loader import SHARD_INDEX as INDEX_NAME
-from .model.loader import read_shard_index
+from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
+from ..errors import KTChatError
+from .loader import SHARD_INDEX as INDEX_NAME
+from .loader import read_shard_index
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 def expert_path_for(model_dir: Path) -> ExpertPath:
     """The registry's expert naming for the base's model_type, else the generic DeepSeek/Qwen/Mixtral names."""
-    from .model.registry import ARCHS
+    from .registry import ARCHS
 
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")

@@ -1,0 +1,7 @@
+"""`python -m ktchat.cli ARGS` is `ktchat ARGS`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

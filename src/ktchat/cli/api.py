@@ -1,0 +1,53 @@
+"""`ktchat api CONFIG.yaml`: the model `ktchat chat` would load, served over an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..config import load_config, parse_overrides
+from ..errors import KTChatError
+
+logger = logging.getLogger(__name__)
+
+
+def add_command(subparsers) -> None:
+    api = subparsers.add_parser("api", help="serve the model over an OpenAI-compatible HTTP API")
+    api.add_argument("config", metavar="CONFIG.yaml", help="inference YAML, as for `ktchat chat`")
+    api.add_argument("--host", help="address to listen on (default $API_HOST, else 127.0.0.1)")
+    api.add_argument("--port", help="port (default $API_PORT, else 8000)")
+    api.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default $API_KEY; unset: no key)")
+    api.add_argument("--model-name", help="the model id clients send (default $API_MODEL_NAME, else the "
+                     "model folder's name)")
+    api.add_argument("--queue-size", type=int, default=16, help="requests that may wait while one generates; "
+                     "more are answered 503 (default 16)")
+    api.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a YAML key (repeatable)")
+    api.set_defaults(func=cmd_api)
+
+
+def listen_settings(args) -> tuple[str, int, str | None]:
+    """Flags win over LLaMA-Factory's environment variables (API_HOST, API_PORT, API_KEY)."""
+    host = args.host or os.environ.get("API_HOST") or "127.0.0.1"
+    port = args.port or os.environ.get("API_PORT") or "8000"
+    if not str(port).isdigit() or not 0 < int(port) < 65536:
+        raise KTChatError(f"port must be an integer from 1 to 65535 (got {port!r})")
+    if args.queue_size < 1:
+        raise KTChatError(f"--queue-size must be an integer >= 1 (got {args.queue_size})")
+    return host, int(port), args.api_key or os.environ.get("API_KEY") or None
+
+
+def cmd_api(args) -> int:
+    from ..generate import open_session
+    from ..generate.engine import Engine
+    from ..serve.app import Server, run_uvicorn
+
+    host, port, api_key = listen_settings(args)
+    config = load_config(args.config, overrides=parse_overrides(args.set))
+    name = args.model_name or os.environ.get("API_MODEL_NAME") or Path(config.model.model_name_or_path).name
+    session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
+    engine = Engine(session.model, session.tokenizer, config.generation, session.prompts, queue_size=args.queue_size)
+    logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
+                ", API key required" if api_key else "")
+    run_uvicorn(Server(engine, name, api_key).app(), engine, host, port)
+    return 0

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol (request validation, plain values) and app (Starlette routes)."""
