@@ -35,7 +35,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny.model)
     prompts = chat_prompt_ids(tok) + [random_prompt()]
-    print("prompts: 3 trained questions, a 70-token conversation, 300 random tokens")
+    print("prompts: 3 trained questions, a 172-token conversation, 300 random tokens")
     for backend, moe_lora, method in MODES:
         if backend == "kt" and unavailable_reason(moe_lora, method):
             print(f"{backend} {moe_lora} {method}: unavailable here")
