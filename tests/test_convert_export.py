@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ktchat import KTChatError
 from ktchat.adapter.writer import convert
+from ktchat.checkpoint import st_name
 from ktchat.cli.adapter import add_command as add_adapter_commands
 from ktchat.model.export import export_merged
 
@@ -23,6 +25,7 @@ from test_layouts import kt_kernel_written, peft_v5_by_hand, rewrite
 
 FP32_BOUND = 1e-4
 ADAPTER, FUSED = "adapter_model.safetensors", "fused_expert_lora.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -180,6 +183,99 @@ def test_export_refuses_an_adapter_for_another_model(tiny, tmp_path):
     with pytest.raises(KTChatError, match="o_proj") as err:
         export_merged(tiny.model, adapter, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def _fp8_blocks(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's FP8 format: an F8_E4M3 weight and its F32 weight_scale_inv, one per 128 x 128 block."""
+    (rows, cols), b = w.shape, 128
+    blocks = w.float().reshape(rows // b, b, cols // b, b)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448
+    q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+    return {key: q, f"{key}_scale_inv": scale.contiguous()}
+
+
+def _mlx_4bit(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MLX's 4-bit format: eight values packed into each U32 of the weight, BF16 scales and biases per 64 inputs."""
+    groups = w.float().reshape(w.shape[0], -1, 64)
+    low, scale = groups.amin(-1), (groups.amax(-1) - groups.amin(-1)) / 15
+    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int64)
+    packed = (q.reshape(w.shape[0], -1, 8) << (4 * torch.arange(8))).sum(-1).to(torch.uint32)
+    module = key.removesuffix(".weight")
+    return {key: packed, f"{module}.scales": scale.bfloat16(), f"{module}.biases": low.bfloat16()}
+
+
+QUANTIZED = {  # scheme -> (how a routed expert weight is stored, config.json's note of it, its dtypes on disk)
+    "fp8": (_fp8_blocks, {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                  "weight_block_size": [128, 128]}}, {"F8_E4M3", "F32"}),
+    "mlx-4bit": (_mlx_4bit, {"quantization": {"group_size": 64, "bits": 4}}, {"U32", "BF16"}),
+}
+
+
+def quantized_base(tiny, out: Path, scheme: str) -> Path:
+    """The tiny checkpoint with its routed experts stored quantized, as real checkpoints store them."""
+    quantize, note, _ = QUANTIZED[scheme]
+    out.mkdir()
+    weight_map = {}
+    for shard in sorted(set(json.loads((tiny.model / INDEX).read_text())["weight_map"].values())):
+        stored = {}
+        for key, w in tensors(tiny.model / shard).items():
+            stored.update(quantize(key, w) if ".mlp.experts." in key else {key: w})
+        save_file(stored, str(out / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(stored, shard))
+    (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}))
+    for f in tiny.model.iterdir():
+        if f.suffix != ".safetensors" and f.name != INDEX:
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **note}))
+    return out
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def without_expert_lora(tiny, tmp_path_factory):
+    """What a user trains on a base whose routed experts are quantized: LoRA on everything but those."""
+    out = tmp_path_factory.mktemp("adapters") / "no-experts"
+    return rewrite(tiny.adapter, out, keep=lambda k: ".mlp.experts." not in k)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize("scheme", sorted(QUANTIZED))
+def test_export_copies_quantized_tensors_unchanged(tiny, without_expert_lora, tmp_path, scheme, dtype):
+    """F8_E4M3 / U32 experts and their scales are copied byte for byte (the scales are re-typed with the compute
+    dtypes: F32 stays F32, MLX's BF16 ones follow --dtype); everything else is exactly the export of the plain base."""
+    base = quantized_base(tiny, tmp_path / "base", scheme)
+    export_merged(base, without_expert_lora, tmp_path / "out", dtype=dtype)
+    export_merged(tiny.model, without_expert_lora, tmp_path / "plain", dtype=dtype)
+    got, src, plain = (read_checkpoint(tmp_path / d) for d in ("out", "base", "plain"))
+    assert got.keys() == src.keys()
+    quantized = {k for k in src if ".mlp.experts." in k}
+    assert {st_name(src[k].dtype) for k in quantized} == QUANTIZED[scheme][2]
+    for k in quantized:
+        cast = dtype and src[k].dtype == torch.bfloat16  # MLX's scales and biases: a compute dtype
+        assert same_bytes(got[k], src[k].float() if cast else src[k]), k
+    for k in got.keys() - quantized:
+        assert same_bytes(got[k], plain[k]), k
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert index["weight_map"] == json.loads((base / INDEX).read_text())["weight_map"]
+    assert index["metadata"]["total_size"] == sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little")
+                                                  for f in (tmp_path / "out").glob("*.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.items() >= QUANTIZED[scheme][1].items() and config["torch_dtype"] == (dtype or "bfloat16")
+
+
+def test_export_refuses_lora_on_a_quantized_weight(tiny, tmp_path):
+    """W + B @ A on an F8 weight would ignore its scales: refused, naming the tensor, before anything is written."""
+    base = quantized_base(tiny, tmp_path / "base", "fp8")
+    refusal = r"experts\.\d\.\w+_proj\.weight is stored as F8_E4M3, and export merges LoRA only into F32, BF16, F16, "
+    with pytest.raises(KTChatError, match=refusal) as err:
+        export_merged(base, tiny.adapter, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 # ---- inspect ----

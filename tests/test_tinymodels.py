@@ -194,8 +194,8 @@ def test_cache_stamp_force_and_failed_build(tmp_path, monkeypatch):
     """The caching logic with a fake (instant) builder: stamp, force, stale temp dirs, killed builds."""
     calls = []
 
-    def fake_build(tmp: Path, final_root: Path) -> None:
-        calls.append(tmp)
+    def fake_build(tmp: Path, final_root: Path, recipe) -> None:
+        calls.append(recipe.name)
         for part in ("model", "adapter"):
             (tmp / part).mkdir()
             (tmp / part / "f.json").write_text(str(len(calls)))
@@ -211,8 +211,14 @@ def test_cache_stamp_force_and_failed_build(tmp_path, monkeypatch):
     (paths.model / "f.json").write_text("tampered!")  # size changes: no longer matches the stamp
     build_tiny(root)
     assert len(calls) == 3 and not (root / ".build-stale").exists()
+    assert calls == ["deepseek_v2"] * 3
+    qwen = build_tiny(tmp_path / "qwen", family="qwen3_moe")  # every family's recipe reaches the builder
+    assert calls[-1] == "qwen3_moe" and json.loads((qwen.root / tiny.STAMP).read_text())["recipe"] == "tiny-qwen3_moe-1"
+    with pytest.raises(ValueError, match="no tiny recipe for 'nope'"):
+        build_tiny(tmp_path / "nope", family="nope")
+    assert len(calls) == 4 and not (tmp_path / "nope").exists()
 
-    def failing_build(tmp: Path, final_root: Path) -> None:
+    def failing_build(tmp: Path, final_root: Path, recipe) -> None:
         (tmp / "model").mkdir()
         raise RuntimeError("killed")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint import LORA_DTYPES
 from ..errors import KTChatError
 from .config import AdapterConfig, read_adapter_config
 from .core import LoraModule, Problems
@@ -162,7 +163,7 @@ def _pair_shapes(name: str, keys: dict, weights: AdapterWeights, problems: Probl
     if a[0] != b[1]:
         problems.add(f"{weights.path}: rank mismatch for {name}: lora_A has {a[0]} rows, lora_B {b[1]} columns")
         return None
-    bad = [k for k in keys.values() if not weights.dtypes[k].startswith(("float", "bfloat"))]
+    bad = [k for k in keys.values() if weights.dtypes[k] not in LORA_DTYPES]
     if bad:
         problems.add(f"{weights.path}: {bad[0]} has dtype {weights.dtypes[bad[0]]}; LoRA tensors must be floating point")
         return None

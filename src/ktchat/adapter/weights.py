@@ -6,14 +6,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import BY_TORCH_NAME, read_header
 from ..errors import KTChatError
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-# safetensors' dtype names -> torch's, so every layout reports dtypes the same way
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
-ST_NAMES = {torch_name: st_name for st_name, torch_name in _ST_DTYPES.items()}
+# torch dtype name -> safetensors', for adapter/kt.py until it calls ktchat.checkpoint.st_name itself
+ST_NAMES = {name: d.name for name, d in BY_TORCH_NAME.items()}
 
 
 def describe(exc: BaseException) -> str:
@@ -24,7 +22,10 @@ def describe(exc: BaseException) -> str:
 
 
 class AdapterWeights:
-    """Shapes and dtypes of every tensor in the file, and loading of chosen tensors, with clear errors."""
+    """Shapes and dtypes of every tensor in the file, and loading of chosen tensors, with clear errors.
+
+    Dtypes are torch's names ("bfloat16") for either file type, or the safetensors name where torch has none.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -32,12 +33,9 @@ class AdapterWeights:
         self._handle = None
         try:
             if self.path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(self.path), framework="pt") as f:
-                    slices = {k: f.get_slice(k) for k in f.keys()}
-                    self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
-                    self.dtypes = {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype().lower()) for k, s in slices.items()}
+                tensors = read_header(self.path).tensors
+                self.shapes = {k: tensors[k].shape for k in sorted(tensors)}
+                self.dtypes = {k: tensors[k].dtype.torch_name or tensors[k].dtype.name for k in sorted(tensors)}
             else:
                 self._bin = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
                 if not isinstance(self._bin, dict) or not all(isinstance(v, torch.Tensor) for v in self._bin.values()):
@@ -73,10 +71,3 @@ class AdapterWeights:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise KTChatError(f"{self.path}: tensor {k} holds NaN or Inf values")
         return out
-
-
-def find_weight_file(adapter_dir: Path) -> Path:
-    for name in WEIGHT_NAMES:
-        if (Path(adapter_dir) / name).is_file():
-            return Path(adapter_dir) / name
-    raise KTChatError(f"{adapter_dir}: no adapter weights found (expected one of {', '.join(WEIGHT_NAMES)})")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 
-logger = logging.getLogger(__name__)
+from ..checkpoint import COMPUTE_DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
+logger = logging.getLogger(__name__)
 
 
 def add_command(subparsers) -> None:
@@ -30,8 +30,8 @@ def add_command(subparsers) -> None:
     p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (any layout)")
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent)")
     p.add_argument("--to", required=True, choices=("peft", "kt", "sglang"), help="output layout")
-    p.add_argument("--expert-dtype", choices=DTYPES, help="store the routed-expert LoRA in this dtype (default: as "
-                   "stored; kt_kernel's trainer wants bfloat16 to resume training)")
+    p.add_argument("--expert-dtype", choices=COMPUTE_DTYPES, help="store the routed-expert LoRA in this dtype "
+                   "(default: as stored; kt_kernel's trainer wants bfloat16 to resume training)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     p.set_defaults(func=cmd_convert)
 
@@ -40,7 +40,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="BASE", help="base model folder (safetensors)")
     p.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter folder (any layout)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
-    p.add_argument("--dtype", choices=DTYPES, help="store floating tensors in this dtype (default: the base's)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="store floating tensors in this dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     p.set_defaults(func=cmd_export)
 
@@ -88,11 +88,9 @@ def _report_json(report) -> str:
 def cmd_convert(args) -> int:
     from ..adapter.writer import convert
 
-    dtype = None
-    if args.expert_dtype:
-        import torch
+    from ..checkpoint import BY_TORCH_NAME
 
-        dtype = getattr(torch, args.expert_dtype)
+    dtype = BY_TORCH_NAME[args.expert_dtype].torch if args.expert_dtype else None
     summary = convert(args.adapter, args.out, args.to, expert_dtype=dtype, overwrite=args.overwrite)
     logger.info("%s (%s) -> %s (%s): %d PEFT modules, %d routed-expert groups", args.adapter, summary["from"],
                 args.out, summary["to"], summary["modules"], summary["expert_groups"])

@@ -4,6 +4,13 @@ W' = W + scale * B @ A, computed in fp32 and stored in the base dtype (or `dtype
 names and shard files, so vLLM, SGLang, kt-kernel or plain transformers load it as they load the base. Shards
 are streamed tensor by tensor: untouched tensors are copied byte for byte, memory stays at one tensor plus
 the current layer's expert LoRA. Everything is checked against the checkpoint's headers before a byte is written.
+
+Dtypes: without `dtype`, every tensor keeps the dtype it has on disk. With `dtype` (one of `COMPUTE_DTYPES`), the
+tensors stored in a compute dtype (F32, BF16, F16) are stored in it; every other tensor is copied byte for byte:
+integers and bools (token ids, packed int4 weights, masks), F64, complex, and the 8-bit and smaller floats (F8_E4M3,
+F8_E5M2, F8_E8M0, ...), because a quantized tensor means something only with the scales stored beside it, and a
+cast would write a checkpoint whose scales no longer apply. For the same reason LoRA is merged only into weights
+stored in F64/F32/BF16/F16: an adapter on an F8 weight is refused, with its name, before anything is written.
 """
 
 from __future__ import annotations
@@ -11,43 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import struct
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
+from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, TensorInfo, open_checkpoint
 from ..errors import KTChatError
-from .loader import SHARD_INDEX as INDEX_NAME
-from .loader import read_shard_index
 
 logger = logging.getLogger(__name__)
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
-_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _CHUNK = 64 << 20
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header dict) of a safetensors file, from its first bytes only."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError(f"header length {n} is not plausible")
-            return 8 + n, json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as exc:
-        raise KTChatError(f"{path}: cannot read safetensors header ({exc})") from None
-
-
-def shard_files(model_dir: Path) -> list[Path]:
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        return sorted(set(read_shard_index(index).values()))
-    if (model_dir / "model.safetensors").is_file():
-        return [model_dir / "model.safetensors"]
-    raise KTChatError(f"{model_dir}: no safetensors checkpoint found (model.safetensors or {INDEX_NAME})")
+MERGE_INTO = tuple(d.name for d in BY_TORCH_NAME.values() if d.floating and not d.narrow)  # F32, BF16, F16, F64
 
 
 def expert_path_for(model_dir: Path) -> ExpertPath:
@@ -66,9 +48,9 @@ class CheckpointShapes:
     """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`."""
 
     def __init__(self, model_dir: Path, experts: ExpertPath):
-        self.files = shard_files(Path(model_dir))
-        self.headers = {f: read_header(f)[1] for f in self.files}
-        self.shapes = {k: v["shape"] for h in self.headers.values() for k, v in h.items() if k != "__metadata__"}
+        checkpoint = open_checkpoint(model_dir)
+        self.headers: dict[Path, Header] = checkpoint.headers
+        self.shapes = {k: list(shape) for k, shape in checkpoint.shapes().items()}
         self.experts: dict[int, dict[tuple[int, str], list]] = {}
         for key, shape in self.shapes.items():
             where = experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
@@ -94,8 +76,8 @@ class CheckpointShapes:
 def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, overwrite: bool = False) -> dict:
     """Writes the merged checkpoint to `out_dir`; returns a summary (modules merged, bytes written)."""
     model_dir, out = Path(model_dir), Path(out_dir)
-    if dtype not in (None, *_ST_DTYPE):
-        raise KTChatError(f"--dtype must be one of {', '.join(_ST_DTYPE)}, got {dtype!r}")
+    if dtype not in (None, *COMPUTE_DTYPES):
+        raise KTChatError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise KTChatError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     experts = expert_path_for(model_dir)
@@ -104,18 +86,19 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
     base = CheckpointShapes(model_dir, experts)
     check_channels(adapter, channels, base)
     merge = Merger(adapter, channels, experts)
+    _check_merge_dtypes(base, merge)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        total = _write_all(model_dir, base, merge, tmp, dtype)
+        total = _write_all(base, merge, tmp, dtype)
         merge.check_all_used()
-        _copy_side_files(model_dir, tmp, base, total, dtype)
+        _copy_side_files(model_dir, tmp, total, dtype)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"merged_modules": len(merge.used), "bytes": total, "shards": len(base.files)}
+    return {"merged_modules": len(merge.used), "bytes": total, "shards": len(base.headers)}
 
 
 class Merger:
@@ -126,19 +109,26 @@ class Merger:
         self.used: set = set()
         self._stacked = lru_cache(maxsize=3)(lambda key: self.routed[key].stack(_torch().float32))
 
-    def lora_for(self, key: str):
-        """(A, B, scale) for base tensor `key`, or None."""
+    def target(self, key: str):
+        """The PEFT module name or routed (layer, expert, proj) the adapter merges into base tensor `key`, or None."""
         module = key.removesuffix(".weight")
         if not key.endswith(".weight"):
             return None
         if module in self.peft:
-            m = self.peft[module]
-            t = self.adapter.weights.load([m.a_key, m.b_key])
-            self.used.add(module)
-            return t[m.a_key], t[m.b_key], m.scale
+            return module
         where = self.experts.parse(module)
-        if where is None or (where[0], where[2]) not in self.routed:
+        return where if where is not None and (where[0], where[2]) in self.routed else None
+
+    def lora_for(self, key: str):
+        """(A, B, scale) for base tensor `key`, or None."""
+        where = self.target(key)
+        if where is None:
             return None
+        if isinstance(where, str):
+            m = self.peft[where]
+            t = self.adapter.weights.load([m.a_key, m.b_key])
+            self.used.add(where)
+            return t[m.a_key], t[m.b_key], m.scale
         layer, e, proj = where
         s = self._stacked((layer, proj))
         self.used.add((layer, e, proj))
@@ -158,60 +148,63 @@ def _torch():
     return torch
 
 
-def _write_all(model_dir: Path, base: CheckpointShapes, merge: Merger, out: Path, dtype: str | None) -> int:
+def _check_merge_dtypes(base: CheckpointShapes, merge: Merger) -> None:
+    """Refuses LoRA on a weight stored quantized (F8) or as integers, before anything is written."""
+    for file, header in base.headers.items():
+        for name, t in header.tensors.items():
+            if t.dtype.name not in MERGE_INTO and merge.target(name) is not None:
+                raise KTChatError(f"{file}: {name} is stored as {t.dtype.name}, and export merges LoRA only into "
+                                  f"{', '.join(MERGE_INTO)} weights (dequantize the base model first)")
+
+
+def _write_all(base: CheckpointShapes, merge: Merger, out: Path, dtype: str | None) -> int:
     from tqdm.auto import tqdm
 
-    size = sum(f.stat().st_size for f in base.files)
+    size = sum(f.stat().st_size for f in base.headers)
     written = 0
     with tqdm(total=size, desc="Exporting", unit="B", unit_scale=True, disable=None) as bar:
-        for src in base.files:
-            written += _write_shard(src, out / src.name, merge, dtype, bar)
+        for header in base.headers.values():
+            written += _write_shard(header, out / header.path.name, merge, dtype, bar)
     return written
 
 
-def _write_shard(src: Path, dst: Path, merge: Merger, dtype: str | None, bar) -> int:
+def _stored_as(t: TensorInfo, dtype: str | None) -> DType:
+    """The dtype a tensor is written in: `dtype` for tensors in a compute dtype, else its own (module docstring)."""
+    return BY_TORCH_NAME[dtype] if dtype and t.dtype.compute else t.dtype
+
+
+def _write_shard(header: Header, dst: Path, merge: Merger, dtype: str | None, bar) -> int:
     """Streams one shard: same keys and order; merged or re-typed tensors rewritten, the rest copied raw."""
     from safetensors import safe_open
 
-    start, header = read_header(src)
-    meta = header.pop("__metadata__", None)
-    names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    src = header.path
     new, offset = {}, 0
-    for name in names:
-        entry = dict(header[name])
-        if dtype and entry["dtype"] in _ST_DTYPE.values():
-            entry["dtype"] = _ST_DTYPE[dtype]
-        n = _BYTES[entry["dtype"]] * _numel(entry["shape"])
-        entry["data_offsets"] = [offset, offset + n]
-        new[name], offset = entry, offset + n
-    text = json.dumps({**({"__metadata__": meta} if meta else {}), **new}, separators=(",", ":")).encode()
+    for name, t in header.tensors.items():
+        stored = _stored_as(t, dtype)
+        end = offset + stored.nbytes(t.shape)
+        new[name], offset = {"dtype": stored.name, "shape": list(t.shape), "data_offsets": [offset, end]}, end
+    meta = {"__metadata__": header.metadata} if header.metadata else {}
+    text = json.dumps({**meta, **new}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with open(dst, "wb") as out, open(src, "rb") as raw, safe_open(str(src), framework="pt") as f:
-        out.write(struct.pack("<Q", len(text)) + text)
-        for name in names:
-            old = header[name]
+        out.write(len(text).to_bytes(8, "little") + text)
+        for name, t in header.tensors.items():
             lora = merge.lora_for(name)
-            if lora is None and new[name]["dtype"] == old["dtype"]:
-                _copy_raw(raw, out, start + old["data_offsets"][0], old["data_offsets"][1] - old["data_offsets"][0])
+            stored = _stored_as(t, dtype)
+            if lora is None and stored is t.dtype:
+                _copy_raw(raw, out, header.data_start + t.start, t.nbytes)
             else:
-                _write_tensor(out, _merged(f.get_tensor(name), lora, new[name]["dtype"]))
-            bar.update(old["data_offsets"][1] - old["data_offsets"][0])
+                _write_tensor(out, _merged(f.get_tensor(name), lora, stored))
+            bar.update(t.nbytes)
     return offset
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _merged(weight, lora, st_dtype: str):
-    """W + scale * B @ A in fp32, then the target dtype; or only the dtype change."""
-    torch = _torch()
-    target = {v: getattr(torch, k) for k, v in _ST_DTYPE.items()}.get(st_dtype, weight.dtype)
+def _merged(weight, lora, stored: DType):
+    """W + scale * B @ A in fp32, then the stored dtype; or only the dtype change."""
+    target = stored.torch
     if lora is None:
         return weight.to(target)
+    torch = _torch()
     a, b, scale = lora
     return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale).to(target)
 
@@ -231,15 +224,15 @@ def _copy_raw(raw, out, offset: int, length: int) -> None:
         length -= len(chunk)
 
 
-def _copy_side_files(model_dir: Path, out: Path, base: CheckpointShapes, total: int, dtype: str | None) -> None:
+def _copy_side_files(model_dir: Path, out: Path, total: int, dtype: str | None) -> None:
     """config, tokenizer, generation config and the rest as they are; the index with the new total size."""
     for f in model_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_NAME:
+        if f.is_file() and f.suffix != ".safetensors" and f.name != SHARD_INDEX:
             shutil.copy2(f, out / f.name)
-    if (model_dir / INDEX_NAME).is_file():
-        index = json.loads((model_dir / INDEX_NAME).read_text())
+    if (model_dir / SHARD_INDEX).is_file():
+        index = json.loads((model_dir / SHARD_INDEX).read_text())
         index.setdefault("metadata", {})["total_size"] = total
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (out / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if dtype and (out / "config.json").is_file():
         config = json.loads((out / "config.json").read_text())
         for key in ("torch_dtype", "dtype"):

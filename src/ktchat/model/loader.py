@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import threading
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapter.weights import ST_NAMES
+from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, open_checkpoint, st_name
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
@@ -25,7 +24,7 @@ from .registry import MoEArch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: BY_TORCH_NAME[name].torch for name in COMPUTE_DTYPES}
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
@@ -123,34 +122,6 @@ def _aliased(cls: type, alias: str, target: str) -> type:
     return _ALIASED[key]
 
 
-SHARD_INDEX = "model.safetensors.index.json"
-
-
-def read_shard_index(index: Path) -> dict[str, Path]:
-    """tensor name -> shard file, from a safetensors shard index; one clear error for any malformed index."""
-    try:
-        return {name: index.parent / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a mapping
-        raise KTChatError(f"{index}: cannot read shard index ({exc})") from None
-
-
-def checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file, from the shard index or the single file."""
-    index = model_dir / SHARD_INDEX
-    if index.is_file():
-        return read_shard_index(index)
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}
-        except Exception as exc:
-            raise KTChatError(f"{single}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    raise KTChatError(f"{model_dir}: no safetensors checkpoint found (model.safetensors or model.safetensors.index.json)")
-
-
 def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype,
                     before_prepare: Callable[[int], None] | None = None) -> ExpertLoading:
     """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty.
@@ -177,7 +148,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     derived = set(buffers) - set(model.state_dict())  # non-persistent (rotary tables): computed, never loaded
     tensors = {**params, **{n: b for n, b in buffers.items() if n not in derived}}
     keep_fp32 = _fp32_names(model)
-    files = checkpoint_files(model_dir)
+    checkpoint = open_checkpoint(model_dir)  # every header read and checked here, before any weight moves
+    files = checkpoint.files
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -189,7 +161,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
         # rest of the checkpoint loads here.
         in_place = set()
         for name in sorted((n for n in files if n in expert_keys), key=expert_keys.__getitem__):
-            if experts.read_into_slot(files[name], name, *expert_keys[name], f"{files[name].name}: {name}"):
+            header = checkpoint.headers[files[name]]
+            if experts.read_into_slot(header, name, *expert_keys[name], f"{files[name].name}: {name}"):
                 in_place.add(name)
         experts.pack_after_reads()
         for file, names in by_file.items():
@@ -276,42 +249,35 @@ class ExpertLoading:
     def _close(self, cancel: bool) -> None:
         self._stopped = self._stopped or cancel  # the packing stops at the next layer
         self._pool.shutdown(wait=True, cancel_futures=cancel)
-        for fd, _ in self._files.values():
+        for fd in self._files.values():
             os.close(fd)
         self._files = {}
         self._bar.close()
 
-    def read_into_slot(self, file: Path, name: str, layer: int, expert: int, proj: str, where: str) -> bool:
+    def read_into_slot(self, header: Header, name: str, layer: int, expert: int, proj: str, where: str) -> bool:
         """Queues the read of one tensor into its slot; False where it needs converting (load it instead)."""
         backend = self._blocks[layer].cpu_experts.backend
         slot = backend.weight_slot(proj, expert)
-        fd, header = self._file(file)
-        entry = header.get(name)
-        if slot is None or not slot.is_contiguous() or not isinstance(entry, dict) or \
-                entry.get("dtype") != ST_NAMES.get(str(slot.dtype).removeprefix("torch.")):
+        entry = header.tensors.get(name)
+        if slot is None or not slot.is_contiguous() or entry is None or entry.dtype.name != st_name(slot.dtype):
             return False
-        backend.filled(proj, expert, entry.get("shape", []), where)  # shape and duplicate checks first
-        begin, end = entry["data_offsets"]
-        if end - begin != slot.nbytes:
-            raise KTChatError(f"{where}: {end - begin} bytes on disk for a tensor of {slot.nbytes}")
-        self._futures.append(self._pool.submit(self._read, fd, header["__data__"] + begin, slot, layer, where))
+        backend.filled(proj, expert, entry.shape, where)  # shape and duplicate checks first
+        if entry.nbytes != slot.nbytes:
+            raise KTChatError(f"{where}: {entry.nbytes} bytes on disk for a tensor of {slot.nbytes}")
+        offset = header.data_start + entry.start
+        self._futures.append(self._pool.submit(self._read, self._fd(header.path), offset, slot, layer, where))
         return True
 
     def load(self, layer: int, expert: int, proj: str, tensor: torch.Tensor, where: str) -> None:
         self._blocks[layer].cpu_experts.backend.load_weight(proj, expert, tensor, where)
         self._arrived(layer)
 
-    def _file(self, file: Path):
+    def _fd(self, file: Path) -> int:
         if file not in self._files:
-            fd = os.open(file, os.O_RDONLY)
             try:
-                size = int.from_bytes(os.pread(fd, 8, 0), "little")
-                header = json.loads(os.pread(fd, size, 8))
-            except (OSError, ValueError) as exc:
-                os.close(fd)
-                raise KTChatError(f"{file}: cannot read checkpoint shard header ({exc})") from None
-            header["__data__"] = 8 + size
-            self._files[file] = (fd, header)
+                self._files[file] = os.open(file, os.O_RDONLY)
+            except OSError as exc:
+                raise KTChatError(f"{file}: cannot open checkpoint shard ({exc.strerror or exc})") from None
         return self._files[file]
 
     def _read(self, fd: int, offset: int, slot: torch.Tensor, layer: int, where: str) -> None:

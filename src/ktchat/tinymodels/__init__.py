@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import FAMILIES, family as family_recipe
+from .families import FAMILIES, Family, family as family_recipe
 from .recipe import SEED, TRAINED_QA
 
 __all__ = ["build_tiny", "FAMILY_NAMES", "TinyPaths", "TRAINED_QA"]
@@ -43,9 +43,9 @@ class TinyPaths:
     adapter: Path
 
 
-def _recipe_hash(family: str = "deepseek_v2") -> str:
+def _recipe_hash(recipe: Family) -> str:
     """sha256 over the family's recipe version and this package's sources: any edit invalidates caches."""
-    h = hashlib.sha256(family_recipe(family).version.encode())
+    h = hashlib.sha256(recipe.version.encode())
     for src in sorted(Path(__file__).parent.glob("*.py")):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()
@@ -82,14 +82,14 @@ def _deterministic():
         torch.set_num_threads(threads)
 
 
-def _build_into(tmp: Path, final_root: Path, family: str = "deepseek_v2") -> None:
+def _build_into(tmp: Path, final_root: Path, recipe: Family) -> None:
+    """Writes `model` and `adapter` of the family's recipe into `tmp`; the adapter names `final_root`'s model."""
     from . import checkpoint, train
 
     t0 = time.monotonic()
-    recipe = family_recipe(family)
     with _deterministic():
         checkpoint.write_model_dir(tmp / "model", recipe)
-        logger.info("tiny %s model written in %.1fs", family, time.monotonic() - t0)
+        logger.info("tiny %s model written in %.1fs", recipe.name, time.monotonic() - t0)
         train.train_adapter(tmp / "model", tmp / "adapter", str(final_root / "model"), recipe)
     logger.info("tiny build done in %.1fs", time.monotonic() - t0)
 
@@ -110,7 +110,8 @@ def build_tiny(root: str | os.PathLike, *, family: str = "deepseek_v2", force: b
     """
     root = Path(root).resolve()
     paths = TinyPaths(root=root, model=root / "model", adapter=root / "adapter")
-    recipe_hash = _recipe_hash(family)
+    recipe = family_recipe(family)  # an unknown family fails here, before anything is written
+    recipe_hash = _recipe_hash(recipe)
     if not force and _is_complete(root, recipe_hash):
         return paths
     root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def build_tiny(root: str | os.PathLike, *, family: str = "deepseek_v2", force: b
         logger.info("building tiny %s + LoRA adapter in %s", family, root)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            _build_into(tmp, root, *(() if family == "deepseek_v2" else (family,)))  # 2 arguments: as before
+            _build_into(tmp, root, recipe)
             (root / STAMP).unlink(missing_ok=True)  # from here on the old build is not complete
             for derived in root.glob("merged-*"):  # hand-merged references (tests/reference.py) of the old build
                 shutil.rmtree(derived, ignore_errors=True)
@@ -131,7 +132,7 @@ def build_tiny(root: str | os.PathLike, *, family: str = "deepseek_v2", force: b
                 if (root / part).exists():
                     shutil.rmtree(root / part)
                 os.replace(tmp / part, root / part)
-            stamp = {"recipe": family_recipe(family).version, "recipe_sha256": recipe_hash, "built_with": _versions(),
+            stamp = {"recipe": recipe.version, "recipe_sha256": recipe_hash, "built_with": _versions(),
                      "files": _listing(root)}
             (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
             os.replace(tmp / STAMP, root / STAMP)

@@ -12,7 +12,9 @@ import logging
 import re
 from pathlib import Path
 
+from ..checkpoint import SHARD_INDEX, open_checkpoint
 from . import recipe
+from .families import Family, Spec
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,10 @@ def write_tokenizer(model_dir: Path) -> dict[str, int]:
     return {"size": tok.get_vocab_size(), "pad": ids[recipe.PAD], "bos": ids[recipe.BOS], "eos": ids[recipe.EOS]}
 
 
-def write_config(model_dir: Path, tok_info: dict[str, int], model_config=recipe.model_config) -> dict:
-    """config.json (vocab rounded up to a multiple of 64) and a greedy generation_config.json."""
+def write_config(model_dir: Path, tok_info: dict[str, int], family: Family) -> dict:
+    """The family's config.json (vocab rounded up to a multiple of 64) and a greedy generation_config.json."""
     vocab = -(-tok_info["size"] // 64) * 64
-    cfg = model_config(vocab, tok_info["pad"], tok_info["bos"], tok_info["eos"])
+    cfg = family.config(vocab, tok_info["pad"], tok_info["bos"], tok_info["eos"])
     _dump(model_dir / "config.json", cfg)
     _dump(model_dir / "generation_config.json", {
         "bos_token_id": tok_info["bos"], "eos_token_id": tok_info["eos"], "pad_token_id": tok_info["pad"],
@@ -86,50 +88,16 @@ def write_config(model_dir: Path, tok_info: dict[str, int], model_config=recipe.
     return cfg
 
 
-def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """(on-disk key, shape, init kind) in checkpoint order, as real DeepSeek-V2 files name them."""
-    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    nope, rope, vd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
-    moe_i, n_exp = cfg["moe_intermediate_size"], cfg["n_routed_experts"]
-
-    def mlp(prefix: str, inter: int):
-        return [(f"{prefix}.gate_proj.weight", (inter, h), "linear"),
-                (f"{prefix}.up_proj.weight", (inter, h), "linear"),
-                (f"{prefix}.down_proj.weight", (h, inter), "linear")]
-
-    specs = [("model.embed_tokens.weight", (cfg["vocab_size"], h), "embed")]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        specs += [
-            (f"{p}.input_layernorm.weight", (h,), "norm"),
-            (f"{p}.self_attn.q_proj.weight", (nh * (nope + rope), h), "linear"),
-            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h), "linear"),
-            (f"{p}.self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
-            (f"{p}.self_attn.kv_b_proj.weight", (nh * (nope + vd), kvr), "linear"),
-            (f"{p}.self_attn.o_proj.weight", (h, nh * vd), "linear"),
-            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
-        ]
-        if layer < cfg["first_k_dense_replace"]:
-            specs += mlp(f"{p}.mlp", cfg["intermediate_size"])
-        else:
-            specs.append((f"{p}.mlp.gate.weight", (n_exp, h), "linear"))
-            specs += mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"])
-            for e in range(n_exp):
-                specs += mlp(f"{p}.mlp.experts.{e}", moe_i)
-    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (cfg["vocab_size"], h), "lm_head")]
-    return specs
-
-
-def random_weights(cfg: dict, seed: int = recipe.SEED, specs=weight_specs) -> dict:
+def random_weights(specs: list[Spec]) -> dict:
     """Seeded random bf16 tensors: one private generator, fixed order, so every build is identical.
 
     A score-correction bias stays fp32 and non-negative, as in real DeepSeek-V3 checkpoints.
     """
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(recipe.SEED)
     out = {}
-    for name, shape, kind in specs(cfg):
+    for name, shape, kind in specs:
         t = torch.randn(shape, generator=gen, dtype=torch.float32) * recipe.INIT_STD[kind]
         if kind == "norm":
             t += 1.0
@@ -137,11 +105,12 @@ def random_weights(cfg: dict, seed: int = recipe.SEED, specs=weight_specs) -> di
     return out
 
 
-def write_weights(model_dir: Path, cfg: dict, specs=weight_specs) -> None:
-    """Two safetensors shards split by layer plus model.safetensors.index.json, like real checkpoints."""
+def write_weights(model_dir: Path, cfg: dict, family: Family) -> None:
+    """The family's tensors for `cfg` in two safetensors shards split by layer, plus model.safetensors.index.json,
+    like real checkpoints."""
     from safetensors.torch import save_file
 
-    weights = random_weights(cfg, specs=specs)
+    weights = random_weights(family.weight_specs(cfg))
     last = cfg["num_hidden_layers"] - 1
     second = [k for k in weights if k.startswith(f"model.layers.{last}.") or not k.startswith("model.layers.")]
     second = [k for k in second if k != "model.embed_tokens.weight"]
@@ -152,7 +121,7 @@ def write_weights(model_dir: Path, cfg: dict, specs=weight_specs) -> None:
         for k in keys:
             weight_map[k] = fname
             total += weights[k].numel() * weights[k].element_size()
-    _dump(model_dir / "model.safetensors.index.json",
+    _dump(model_dir / SHARD_INDEX,
           {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     n = sum(w.numel() for w in weights.values())
     logger.info("weights: %d tensors, %.2fM parameters, 2 shards", len(weights), n / 1e6)
@@ -162,20 +131,19 @@ def load_expert_weights(model_dir: Path) -> dict:
     """Reads every per-expert tensor back from the shards (bf16 as stored)."""
     from safetensors import safe_open
 
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     out = {}
-    for fname in sorted(set(index["weight_map"].values())):
-        with safe_open(str(model_dir / fname), framework="pt") as f:
+    for shard in open_checkpoint(model_dir).shards:
+        with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
                 if EXPERT_KEY.search(k):
                     out[k] = f.get_tensor(k)
     return out
 
 
-def write_model_dir(model_dir: Path, family) -> dict:
+def write_model_dir(model_dir: Path, family: Family) -> dict:
     """Tokenizer, configs and weights of a `families.Family` into model_dir; returns the config dict."""
     model_dir.mkdir(parents=True, exist_ok=True)
     tok_info = write_tokenizer(model_dir)
-    cfg = write_config(model_dir, tok_info, family.config)
-    write_weights(model_dir, cfg, family.weight_specs)
+    cfg = write_config(model_dir, tok_info, family)
+    write_weights(model_dir, cfg, family)
     return cfg

@@ -98,6 +98,43 @@ def _model(cfg: dict, layer: Callable[[str, int], list[Spec]], extra_layers: int
     return specs + [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (v, h), "lm_head")]
 
 
+# --- DeepSeek-V2, the original tiny recipe: MLA without q_lora, greedy softmax routing, two shared experts ----------
+
+
+def _deepseek_v2_specs(cfg: dict) -> list[Spec]:
+    """The original tiny recipe's tensors (kept byte for byte), as real DeepSeek-V2 files name them."""
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    nope, rope, vd, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    moe_i, n_exp = cfg["moe_intermediate_size"], cfg["n_routed_experts"]
+
+    def mlp(prefix: str, inter: int):
+        return [(f"{prefix}.gate_proj.weight", (inter, h), "linear"),
+                (f"{prefix}.up_proj.weight", (inter, h), "linear"),
+                (f"{prefix}.down_proj.weight", (h, inter), "linear")]
+
+    specs = [("model.embed_tokens.weight", (cfg["vocab_size"], h), "embed")]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        specs += [
+            (f"{p}.input_layernorm.weight", (h,), "norm"),
+            (f"{p}.self_attn.q_proj.weight", (nh * (nope + rope), h), "linear"),
+            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h), "linear"),
+            (f"{p}.self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
+            (f"{p}.self_attn.kv_b_proj.weight", (nh * (nope + vd), kvr), "linear"),
+            (f"{p}.self_attn.o_proj.weight", (h, nh * vd), "linear"),
+            (f"{p}.post_attention_layernorm.weight", (h,), "norm"),
+        ]
+        if layer < cfg["first_k_dense_replace"]:
+            specs += mlp(f"{p}.mlp", cfg["intermediate_size"])
+        else:
+            specs.append((f"{p}.mlp.gate.weight", (n_exp, h), "linear"))
+            specs += mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"])
+            for e in range(n_exp):
+                specs += mlp(f"{p}.mlp.experts.{e}", moe_i)
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (cfg["vocab_size"], h), "lm_head")]
+    return specs
+
+
 # --- DeepSeek-V3: MLA with q_lora, sigmoid + bias group-limited routing, one shared expert, an MTP layer ----------
 
 
@@ -202,9 +239,7 @@ def _mixtral_specs(cfg: dict) -> list[Spec]:
 
 
 def _deepseek_v2() -> Family:
-    from .checkpoint import weight_specs  # the original recipe, kept byte for byte
-
-    return Family("deepseek_v2", recipe.RECIPE_VERSION, recipe.model_config, weight_specs,
+    return Family("deepseek_v2", recipe.RECIPE_VERSION, recipe.model_config, _deepseek_v2_specs,
                   tuple(recipe.LORA_TARGET_NAMES), recipe.LORA_TARGET_REGEX, recipe.TRAIN_LR)
 
 
