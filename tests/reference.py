@@ -241,6 +241,34 @@ class Bf16Verdict:
         return "\n".join(lines)
 
 
+def over_bound(err: torch.Tensor, bound, margin: torch.Tensor) -> tuple[list, list, int]:
+    """(positions erring over `bound` (a number or [T]), those of them that are no routing near-tie, how many
+    near-tie positions the prompt may have): the one rule every bf16 expert judge applies."""
+    failing = (err > bound).nonzero().flatten().tolist()
+    allowed = max(1, math.ceil(BF16_MAX_NEAR_TIE_SHARE * err.numel()))
+    return failing, [t for t in failing if margin[t] >= BF16_NEAR_TIE_ULPS], allowed
+
+
+def near_tie_problems(model, reference, ids, bound: float) -> list[str]:
+    """Why `model` fails `bound` per position on `ids` against the fp32 reference (empty: it passes): only routing
+    near-ties may exceed it, at most BF16_MAX_NEAR_TIE_SHARE of the positions, and the rest together stay within."""
+    want, scores = reference_routing(reference, ids)
+    margin = routing_margins(scores, reference.config.num_experts_per_tok)
+    got = logits(model, ids)
+    err = position_errors(got, want)
+    failing, not_near_ties, allowed = over_bound(err, bound, margin)
+    keep = torch.ones(err.numel(), dtype=torch.bool)
+    keep[failing] = False
+    rest = rel_err(got.reshape(-1, got.shape[-1])[keep], want.reshape(-1, want.shape[-1])[keep])
+    problems = [f"position {t}: {err[t]:.2e} over {bound:.0e}, margin {margin[t]:.1f} ulp (no near-tie)"
+                for t in not_near_ties]
+    if len(failing) > allowed:
+        problems.append(f"{len(failing)} near-tie positions over {bound:.0e} (at most {allowed}): {failing[:10]}")
+    if not rest < bound:
+        problems.append(f"the other positions err {rest:.2e} together (bound {bound:.0e})")
+    return problems
+
+
 def judge_bf16(model, baseline: Bf16Baseline) -> Bf16Verdict:
     """Accepts a bf16 model only if, on every prompt,
     - its router logits are fp32 math on the router's own input (what transformers computes for DeepSeek);
@@ -254,9 +282,8 @@ def judge_bf16(model, baseline: Bf16Baseline) -> Bf16Verdict:
             got = logits(model, ids)
         router_err = _router_error(seen, baseline.gate_weights)
         err, err_bf16, margin = position_errors(got, baseline.want[i]), baseline.err_bf16[i], baseline.margins[i]
-        failing = (err > BF16_POSITION_RATIO * _floored(err_bf16)).nonzero().flatten().tolist()
-        v = PromptVerdict(err, err_bf16, margin, failing, [t for t in failing if margin[t] >= BF16_NEAR_TIE_ULPS],
-                          max(1, math.ceil(BF16_MAX_NEAR_TIE_SHARE * err.numel())), router_err)
+        failing, not_near_ties, allowed = over_bound(err, BF16_POSITION_RATIO * _floored(err_bf16), margin)
+        v = PromptVerdict(err, err_bf16, margin, failing, not_near_ties, allowed, router_err)
         verdicts.append(v)
         if not router_err <= ROUTER_FP32_BOUND:
             problems.append(f"prompt {i}: router logits err {router_err:.1e} from fp32 math on their own input "

@@ -7,16 +7,15 @@ import pytest
 from ktchat import load_model
 from ktchat.tinymodels import TRAINED_QA
 
-from reference import DEVICE, greedy, logits, rel_err
+from reference import DEVICE, greedy, logits, near_tie_problems, rel_err
+from tolerances import KT_BOUND
 
-# (moe_lora, kt_method, bound): the issue's accuracy bounds for the expert kernels, on the trained questions.
-# Measured on the tiny model (AVX-512 build): merged bf16 1.2-1.8e-3, merged int8 3.1-4.1e-3. (On random-token prompts, rounding the merged
-# expert weights to bf16 alone costs up to 2.1e-2: near-ties in routing amplify it; see docs/precision.md.)
-MODES = [("exact", "bf16", 1e-2), ("merged", "bf16", 1e-2), ("merged", "int8", 5e-2)]
+# (moe_lora, kt_method): the kt expert kernels, judged on the trained questions by tolerances.KT_BOUND.
+MODES = [("exact", "bf16"), ("merged", "bf16"), ("merged", "int8")]
 
 
-@pytest.mark.parametrize("moe_lora,method,bound", MODES, ids=[f"{m}-{k}" for m, k, _ in MODES])
-def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, moe_lora, method, bound):
+@pytest.mark.parametrize("moe_lora,method", MODES, ids=[f"{m}-{k}" for m, k in MODES])
+def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, moe_lora, method):
     pytest.importorskip("kt_kernel")
     from ktchat.experts.kt_backend import unavailable_reason
 
@@ -28,13 +27,28 @@ def test_kt_experts_match_reference_and_answer(tiny, reference, chat_prompts, mo
         kt_method=method,
     )
     *questions, conversation = chat_prompts
+    bound = KT_BOUND[method]
     for ids in questions:
         assert rel_err(logits(model, ids), logits(reference, ids)) < bound
-    # 70 positions after a long history: the rounding compounds (AMX int8 measured 7.4e-2 here).
-    assert rel_err(logits(model, conversation), logits(reference, conversation)) < 2 * bound
+    # 172 positions of a long history: the rounding compounds (AMX int8 measured 7.4e-2 here), and a routing
+    # near-tie may flip (avx512_bf16 exact bf16: position 137, margin 0.27 ulp, 0.57 there, 4.4e-2 overall).
+    problems = near_tie_problems(model, reference, conversation, 2 * bound)
+    assert not problems, problems
     for ids, (_, answer) in zip(chat_prompts, TRAINED_QA + TRAINED_QA[:1]):
         assert answer in tok.decode(greedy(model, ids), skip_special_tokens=True)
 
+
+
+def test_the_per_position_rule_rejects_missing_expert_lora(tiny, reference, chat_prompts):
+    """near_tie_problems can fail: the experts without their LoRA err beyond KT_BOUND at positions that are no
+    near-ties."""
+    from ktchat.model import offloaded_blocks
+
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    for block in offloaded_blocks(model).values():
+        block.experts.backend.set_lora({})
+    problems = near_tie_problems(model, reference, chat_prompts[-1], 2 * KT_BOUND["bf16"])
+    assert any("no near-tie" in p for p in problems), problems
 
 def test_experts_read_in_place_equal_converted(tiny, tmp_path, chat_prompts):
     """The tiny checkpoint is bf16: its experts are read by threads straight into the kt buffers (then each layer
