@@ -21,9 +21,10 @@ from ktchat.cli.adapter import add_command as add_adapter_commands
 from ktchat.model.export import export_merged
 
 from reference import load_reference, logits, read_checkpoint, rel_err
+from tolerances import FP32_BOUND
 from test_layouts import kt_kernel_written, peft_v5_by_hand, rewrite
 
-FP32_BOUND = 1e-4
+
 ADAPTER, FUSED = "adapter_model.safetensors", "fused_expert_lora.safetensors"
 INDEX = "model.safetensors.index.json"
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from .core import ExpertLoRA, Problems
 from .keys import kt_fused_key, parse_kt_fused_key
 from .sources import load_pair
-from .weights import ST_NAMES, AdapterWeights
+from ..checkpoint import LORA_DTYPES, st_name
+from .weights import AdapterWeights
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _fused_group(weights, manifest: KTManifest, layer: int, proj: str, keys: dic
                      "(expected a [E, r, in], b [E, out, r])")
         return None
     dtype = weights.dtypes[keys["A"]]
-    if not dtype.startswith(("float", "bfloat")) or weights.dtypes[keys["B"]] != dtype:
+    if dtype not in LORA_DTYPES or weights.dtypes[keys["B"]] != dtype:
         problems.add(f"{where}: {keys['A']} / {keys['B']} are {dtype} / {weights.dtypes[keys['B']]}; fused expert "
                      "LoRA must be one floating-point dtype")
         return None
@@ -181,7 +182,7 @@ def _check_contract(weights: AdapterWeights, manifest: KTManifest, problems: Pro
     """The manifest lists every fused tensor's shape and dtype; report every one that differs from the file."""
     if not manifest.tensors:
         return
-    actual = {k: {"shape": list(s), "dtype": ST_NAMES.get(weights.dtypes[k], weights.dtypes[k])}
+    actual = {k: {"shape": list(s), "dtype": st_name(weights.dtypes[k]) or weights.dtypes[k]}
               for k, s in weights.shapes.items()}
     differ = [k for k in sorted(set(actual) | set(manifest.tensors)) if actual.get(k) != manifest.tensors.get(k)]
     if differ:
@@ -194,7 +195,7 @@ def write_manifest(out_dir: Path, *, rank: int, alpha: float, base_model: str | 
                    standard_file: str, expert_modules: dict[str, str]) -> Path:
     """A manifest kt_kernel's loader accepts (version 1, ready, sizes, sha256, fused tensor contract)."""
     fused = AdapterWeights(out_dir / FUSED_NAME)
-    contract = {k: {"shape": list(s), "dtype": ST_NAMES[fused.dtypes[k]]} for k, s in sorted(fused.shapes.items())}
+    contract = {k: {"shape": list(s), "dtype": st_name(fused.dtypes[k])} for k, s in sorted(fused.shapes.items())}
     artifacts = {name: {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
                  for name in ("adapter_config.json", standard_file, FUSED_NAME)}
     artifacts[FUSED_NAME].update(tensor_count=len(contract), tensors=contract)

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import BY_TORCH_NAME, read_header
+from ..checkpoint import read_header
 from ..errors import KTChatError
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-# torch dtype name -> safetensors', for adapter/kt.py until it calls ktchat.checkpoint.st_name itself
-ST_NAMES = {name: d.name for name, d in BY_TORCH_NAME.items()}
 
 
 def describe(exc: BaseException) -> str:
