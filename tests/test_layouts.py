@@ -23,6 +23,8 @@ from ktchat.model import offloaded_blocks
 
 from reference import DEVICE, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
 from tolerances import FP32_BOUND
+
+
 ADAPTER = "adapter_model.safetensors"
 TF5 = transformers.__version__.startswith("5.")
 DENSE_OR_SHARED_MLP = re.compile(r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj$")
