@@ -1,8 +1,11 @@
-"""Bad input gets one clear KTChatError naming the file or key, before anything is loaded."""
+"""Bad input gets one clear KTChatError naming the file or key, before anything is loaded where it can be known
+then: a spy on the checkpoint loader checks that no weight was read first. Values read while the checkpoint streams
+(NaN in an expert's LoRA) and damage inside the checkpoint itself are found during the load, still as one error."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +18,21 @@ from safetensors.torch import load_file, save_file
 from ktchat import KTChatError, load_model
 
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@pytest.fixture
+def checkpoint_reads(monkeypatch):
+    """Records every call of load_checkpoint (which reads the weights) and lets it run."""
+    import ktchat.model.loader
+
+    calls, real = [], ktchat.model.loader.load_checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ktchat.model.loader, "load_checkpoint", spy)
+    return calls
 
 
 @pytest.fixture
@@ -141,19 +159,25 @@ CASES = {
 }
 
 
+# Found while the checkpoint streams: tensor values are read once, on the thread that installs the expert LoRA.
+DURING_LOAD = {"nan"}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_adapter_is_one_clear_error(tiny, adapter_copy, case):
+def test_bad_adapter_is_one_clear_error(tiny, adapter_copy, checkpoint_reads, case):
     breaker, must_name = CASES[case]
     breaker(adapter_copy)
-    with pytest.raises(KTChatError) as err:
+    with pytest.raises(KTChatError, match=re.escape(must_name)) as err:
         load_model(tiny.model, adapter_copy, experts_backend="torch", dtype="float32", device="cpu")
     message = str(err.value)
-    assert must_name in message and "\n" not in message
+    assert str(adapter_copy) in message and "\n" not in message
+    assert bool(checkpoint_reads) == (case in DURING_LOAD), checkpoint_reads
 
 
-def test_missing_adapter_folder(tiny, tmp_path):
-    with pytest.raises(KTChatError, match="not a local folder"):
+def test_missing_adapter_folder(tiny, tmp_path, checkpoint_reads):
+    with pytest.raises(KTChatError, match=f"^adapter_name_or_path: {tmp_path / 'nope'} is not a local folder"):
         load_model(tiny.model, tmp_path / "nope", experts_backend="torch", device="cpu")
+    assert checkpoint_reads == []
 
 
 def test_cli_bad_adapter_exits_2_with_one_error_line(tiny, adapter_copy, tmp_path):
@@ -167,9 +191,9 @@ def test_cli_bad_adapter_exits_2_with_one_error_line(tiny, adapter_copy, tmp_pat
         [str(Path(sys.executable).with_name("ktchat")), "chat", str(cfg)], input="exit\n", capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ktchat: error:")]
-    assert len(errors) == 1 and "DoRA" in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"ktchat: error: {adapter_copy / 'adapter_config.json'}: use_dora: "
+                                                "DoRA adapters are not supported yet"], proc.stderr
+    assert "loaded" not in proc.stderr + proc.stdout  # refused before load_model's "[ktchat] loaded ..." line
 
 
 def test_corrupt_shard_index_is_one_clear_error(tiny, tmp_path):

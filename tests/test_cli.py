@@ -72,6 +72,15 @@ def test_main_returns_2_for_missing_model_dir(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("ktchat: error: model_name_or_path: ")
 
 
+def test_os_error_is_one_line_naming_the_path(tmp_path, capsys):
+    """An OSError (here: the demo folder under a regular file) leaves as `PATH: strerror`, as the shell says it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    assert main(["demo", "--cache", str(blocker / "demo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ktchat: error: {blocker / 'demo'}: Not a directory"], err
+
+
 def write_chat_config(tmp_path, tiny) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({

@@ -1,6 +1,7 @@
 """load_config reads LLaMA-Factory inference YAML: used keys, ignored keys, and errors that name the key."""
 
 import logging
+import re
 
 import pytest
 
@@ -64,7 +65,8 @@ def test_temperature_zero_is_greedy():
 
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path, "model_name_or_path: m\nmax_new_token: 3\nfoo: 1\n")
-    with pytest.raises(KTChatError) as info:
+    hint = r": unknown keys: foo, max_new_token \(did you mean max_new_tokens\?\)$"
+    with pytest.raises(KTChatError, match=hint) as info:
         load_config(path)
     message = str(info.value)
     assert str(path) in message and "foo" in message and "max_new_token " in message
@@ -96,15 +98,28 @@ def test_experts_backend_kt_needs_use_kt():
     ("top_p", "1.5"), ("top_k", "-1"), ("do_sample", "'yes please'"), ("repetition_penalty", "0"),
     ("use_kt", "1"), ("infer_backend", "tensorrt"), ("experts_backend", "gpu"), ("infer_dtype", "int8"),
     ("kt_num_threads", "0"), ("moe_lora", "fused"), ("model_name_or_path", "''"), ("model_name_or_path", "[a]"),
-    ("cuda_graphs", "'on'"), ("merge_peft_lora", "null"),
+    ("cuda_graphs", "'on'"), ("merge_peft_lora", "null"), ("temperature", ".inf"), ("repetition_penalty", ".nan"),
+    ("device", "gpu0"), ("device", "cuda:x"), ("device", "mps"), ("device", "3"), ("device", "''"),
 ])
 def test_bad_values_name_key_and_value(tmp_path, key, value):
     path = write(tmp_path, f"model_name_or_path: m\n{key}: {value}\n")
-    with pytest.raises(KTChatError) as info:
+    with pytest.raises(KTChatError, match=rf"^{re.escape(str(path))}: {key} must be .* \(got .*\)$") as info:
         load_config(path)
     message = str(info.value)
     assert message.startswith(f"{path}: {key} must be"), message
     assert "(got " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_spellings(device):
+    """Only the spelling is checked here (no torch); load_model checks that the GPU exists, still before loading."""
+    assert ModelArgs(model_name_or_path="m", device=device).device == device
+
+
+def test_cuda_graphs_on_cpu_is_refused_at_the_edge():
+    with pytest.raises(KTChatError, match="^cuda_graphs: true needs a CUDA device, but device is cpu"):
+        ModelArgs(model_name_or_path="m", device="cpu", cuda_graphs=True)
+    assert ModelArgs(model_name_or_path="m", device="cpu", cuda_graphs=False).cuda_graphs is False
 
 
 def test_valid_edges():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -28,6 +30,7 @@ INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MOE_LORA_MODES = ("exact", "merged")
 KT_METHODS = ("bf16", "int8", "int4")
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # load_model checks at load time that the GPU exists
 
 # LLaMA-Factory keys that mean nothing at ktchat inference: accepted so existing YAML files load, logged once.
 _IGNORED_GROUPS = {
@@ -85,11 +88,11 @@ def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> No
 
 
 def _check_number(key: str, value: Any, low: float, high: float = float("inf"), low_open: bool = False) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if is_number and (low < value if low_open else low <= value) and value <= high:
         return
     bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
-    _fail(key, value, f"a number {bounds}")
+    _fail(key, value, f"a finite number {bounds}" if high == float("inf") else f"a number {bounds}")
 
 
 def _check_bool(key: str, value: Any, optional: bool = False) -> None:
@@ -130,13 +133,13 @@ class ModelArgs:
         _check_bool("use_kt", self.use_kt)
         _check_bool("trust_remote_code", self.trust_remote_code)
         _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
-        _check_str("device", self.device)
         _check_choice("infer_dtype", self.infer_dtype, INFER_DTYPES)
         _check_int("kt_num_threads", self.kt_num_threads, minimum=1, optional=True)
         _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
         _check_choice("kt_method", self.kt_method, KT_METHODS, optional=True)
         _check_bool("merge_peft_lora", self.merge_peft_lora)
         _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
+        self._check_device()
         self._check_kt()
 
     def _check_adapter(self) -> None:
@@ -147,6 +150,14 @@ class ModelArgs:
             raise KTChatError(f"adapter_name_or_path lists {len(paths)} adapters ({', '.join(paths)}): "
                               "ktchat loads exactly one; merge the others first")
         object.__setattr__(self, "adapter_name_or_path", paths[0] if paths else None)
+
+    def _check_device(self) -> None:
+        """The spelling here; whether that GPU exists is load_model's check (it needs torch), still before loading."""
+        if self.device is not None and not (isinstance(self.device, str) and DEVICE_RE.fullmatch(self.device)):
+            _fail("device", self.device, "auto, cpu, cuda or cuda:N (or left out)")
+        if self.cuda_graphs and self.device == "cpu":
+            raise KTChatError("cuda_graphs: true needs a CUDA device, but device is cpu: set cuda_graphs: false or "
+                              "leave it out")
 
     def _check_kt(self) -> None:
         """use_kt means our CPU experts inside transformers, so it cannot combine with another engine."""

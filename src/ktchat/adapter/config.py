@@ -1,4 +1,10 @@
-"""The adapter's own LoRA settings: rank and alpha per module come from here, never from a user's YAML."""
+"""The adapter's own LoRA settings: rank and alpha per module come from here, never from a user's YAML.
+
+Every adapter_config.json key that ktchat or PEFT's LoraConfig reads is checked here, for type and range, when the
+adapter is read: before any weight loads, and before PEFT sees the file (a bad value used to come out of PEFT as a
+traceback after the checkpoint had loaded). Keys a newer PEFT adds pass through unchecked;
+tests/test_preload.py fails when the installed PEFT has a LoraConfig field these tables do not know.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +20,66 @@ CONFIG_NAME = "adapter_config.json"
 
 # Options whose effect ktchat does not reproduce: refusing them beats a silently wrong model.
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters are not supported yet",
     "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D layers) are not supported",
     "lora_bias": "LoRA bias terms (lora_bias: true) are not supported",
+    "use_qalora": "QA-LoRA adapters (GPTQ base layers) are not supported",
+    "layer_replication": "adapters that replicate base layers (layer_replication) are not supported",
+    "megatron_config": "Megatron-LM parallel layers (megatron_config) are not supported",
 }
+# PEFT builds another kind of layer for these (its LoraConfig fields tagged is_lora_variant); ktchat's CPU experts
+# and its check of what PEFT loaded know plain LoRA only.
+VARIANTS = {
+    "use_dora": "DoRA adapters are not supported yet",
+    "velora_config": "VeLoRA adapters are not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) adapters are not supported",
+    "monteclora_config": "MonteCLoRA adapters are not supported",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA) adapters are not supported",
+    "arrow_config": "Arrow adapters are not supported",
+    "kasa_config": "KaSA adapters are not supported",
+}
+# init_lora_weights: these only set the initial LoRA, which the stored tensors replace (true/false/null too)...
+INITS = ("gaussian", "eva", "orthogonal", "lora_ga")
+# ...these make PEFT rewrite the base weights when it loads the adapter (residual inits: PiSSA, CorDA, OLoRA, LoftQ),
+# which the CPU experts would not; MiCA is a variant. PEFT reads "pissa" and "corda" as prefixes (pissa_niter_16).
+_RESIDUAL_INITS = ("pissa", "corda", "olora", "loftq")
+_VARIANT_INITS = {"mica": "MiCA adapters are not supported"}
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_token_indices(v) -> bool:
+    as_list = isinstance(v, list) and all(map(_is_index, v))
+    return as_list or (isinstance(v, dict) and all(isinstance(x, list) and all(map(_is_index, x)) for x in v.values()))
+
+
+# key -> (what is allowed, test); every key may also be null or left out, which means PEFT's default.
+_TYPES = {
+    **{k: ("true or false", lambda v: isinstance(v, bool)) for k in (
+        "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "inference_mode",
+        "ensure_weight_tying")},
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in (
+        "task_type", "base_model_name_or_path", "revision", "peft_version", "megatron_core")},
+    **{k: ("a module name pattern or a list of module names", lambda v: isinstance(v, str) or _is_str_list(v))
+       for k in ("target_modules", "exclude_modules", "layers_pattern")},
+    **{k: ("a list of names", _is_str_list) for k in ("modules_to_save", "target_parameters")},
+    **{k: ("a JSON object", lambda v: isinstance(v, dict)) for k in (
+        "auto_mapping", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config")},
+    "layers_to_transform": ("a layer index >= 0 or a list of them",
+                            lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v)))),
+    "trainable_token_indices": ("a list of token ids >= 0, or a mapping of module name to such a list",
+                                _is_token_indices),
+    "qalora_group_size": ("an integer >= 1", lambda v: _is_index(v) and v >= 1),
+}
+
+# Every key checked here (tests/test_preload.py holds this against the installed PEFT's LoraConfig fields).
+CHECKED_KEYS = frozenset({*_TYPES, *_UNSUPPORTED, *VARIANTS, "peft_type", "r", "lora_alpha", "lora_dropout", "bias",
+                          "init_lora_weights", "rank_pattern", "alpha_pattern"})
 
 
 @dataclass(frozen=True)
@@ -64,30 +126,66 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise KTChatError(f"{path}: peft_type {peft_type!r} is not supported, only LORA")
-    for key, why in _UNSUPPORTED.items():
+    _check_types(raw, path)
+    config = AdapterConfig(
+        path=path,
+        r=_positive(raw, "r", path, int),
+        lora_alpha=_positive(raw, "lora_alpha", path, float),
+        use_rslora=bool(raw.get("use_rslora")),
+        rank_pattern=_pattern_dict(raw, "rank_pattern", path, int),
+        alpha_pattern=_pattern_dict(raw, "alpha_pattern", path, float),
+        target_parameters=tuple(raw.get("target_parameters") or ()),
+        raw=raw,
+    )
+    _check_supported(raw, path, config)
+    return config
+
+
+def _check_types(raw: dict, path: Path) -> None:
+    """Type and range of every key ktchat or PEFT reads; null stands for PEFT's default, as PEFT reads it."""
+    for key, (allowed, ok) in _TYPES.items():
+        if raw.get(key) is not None and not ok(raw[key]):
+            raise KTChatError(f"{path}: {key} must be {allowed}, got {raw[key]!r}")
+    dropout = raw.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise KTChatError(f"{path}: lora_dropout must be a number from 0 to 1, got {dropout!r}")
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise KTChatError(f"{path}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    init = raw.get("init_lora_weights")
+    named = isinstance(init, str) and (init in INITS or init in _VARIANT_INITS or init.startswith(_RESIDUAL_INITS))
+    if not (init is None or isinstance(init, bool) or named):
+        allowed = ", ".join(repr(i) for i in (*INITS, *_RESIDUAL_INITS, *_VARIANT_INITS))
+        raise KTChatError(f"{path}: init_lora_weights must be true, false or one of {allowed}, got {init!r}")
+
+
+def _check_supported(raw: dict, path: Path, config: AdapterConfig) -> None:
+    """Well-typed settings whose effect ktchat does not reproduce."""
+    for key, why in {**VARIANTS, **_UNSUPPORTED}.items():
         if raw.get(key):
             raise KTChatError(f"{path}: {key}: {why}")
     if raw.get("bias", "none") != "none":
         raise KTChatError(f"{path}: bias: {raw['bias']!r} is not supported, only 'none'")
-    return AdapterConfig(
-        path=path,
-        r=_positive(raw, "r", path, int),
-        lora_alpha=_positive(raw, "lora_alpha", path, float),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=_pattern_dict(raw, "rank_pattern", path, int),
-        alpha_pattern=_pattern_dict(raw, "alpha_pattern", path, float),
-        target_parameters=_names(raw, "target_parameters", path),
-        raw=raw,
-    )
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init in _VARIANT_INITS:
+        raise KTChatError(f"{path}: init_lora_weights: {_VARIANT_INITS[init]}")
+    if isinstance(init, str) and init.startswith(_RESIDUAL_INITS):
+        raise KTChatError(f"{path}: init_lora_weights: {init!r} makes PEFT rewrite the base weights when it loads the "
+                          "adapter, which the CPU experts would not: convert it to plain LoRA first (LLaMA-Factory: "
+                          "pissa_convert: true)")
+    odd = sorted({r for r in (config.r, *config.rank_pattern.values()) if r % 2})
+    if init == "orthogonal" and odd:
+        raise KTChatError(f"{path}: init_lora_weights: 'orthogonal' needs even ranks (PEFT refuses to build it "
+                          f"otherwise), got r={odd[0]}; set init_lora_weights: true (the stored weights replace it)")
 
 
-def _positive(raw: dict, key: str, path: Path, kind):
+def _positive(raw: dict, key: str, path: Path, kind, within: str = ""):
     if key not in raw:
         raise KTChatError(f"{path}: missing key {key!r}")
     value = raw[key]
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
             or kind(value) != value):
-        raise KTChatError(f"{path}: {key} must be a positive {kind.__name__}, got {value!r}")
+        raise KTChatError(f"{path}: {within}{key} must be a positive {kind.__name__}, got {value!r}")
     return kind(value)
 
 
@@ -100,11 +198,4 @@ def _pattern_dict(raw: dict, key: str, path: Path, kind) -> dict:
             re.compile(str(pattern))
         except re.error as exc:
             raise KTChatError(f"{path}: {key}: {pattern!r} is not a valid regular expression ({exc})") from None
-    return {str(k): _positive(value, k, path, kind) for k in value}
-
-
-def _names(raw: dict, key: str, path: Path) -> tuple[str, ...]:
-    value = raw.get(key) or ()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise KTChatError(f"{path}: {key} must be a list of parameter names, got {value!r}")
-    return tuple(value)
+    return {str(k): _positive(value, k, path, kind, within=f"{key}: ") for k in value}

@@ -1,7 +1,8 @@
 """The `ktchat` command: one module per command (chat, demo, api, and the adapter tools), each a thin layer.
 
 torch and transformers are imported only inside the commands that need them, which keeps `ktchat --help` and
-config errors instant. Every KTChatError leaves as one line on stderr with exit status 2.
+config errors instant. Every KTChatError, and every OSError (a file or folder the command cannot read or write),
+leaves as one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The message on one line; an OSError as `PATH: strerror`, the way the shell reports it."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        return f"{paths}: {exc.strerror}"
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -43,7 +48,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[ktchat] %(message)s")
     try:
         return args.func(args)
-    except (KTChatError, FileNotFoundError) as exc:
+    except (KTChatError, OSError) as exc:  # OSError: a path or socket the command could not use (unwritable OUT...)
         print(f"ktchat: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 from ..config import load_config, parse_overrides
@@ -37,17 +39,48 @@ def listen_settings(args) -> tuple[str, int, str | None]:
     return host, int(port), args.api_key or os.environ.get("API_KEY") or None
 
 
+def require_serve_dependencies() -> None:
+    """starlette and uvicorn are an optional extra: missing (or broken), that is one line before the load, not a
+    traceback after it."""
+    try:
+        import starlette.applications  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise KTChatError(f"ktchat api needs starlette and uvicorn ({exc}): pip install 'ktchat[serve]'") from None
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so a port in use is an error at once, not after the load;
+    uvicorn then serves on it. Bound as uvicorn binds (IPv6 for a host with a colon, SO_REUSEADDR); while the model
+    loads, clients that connect wait in the backlog."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise KTChatError(f"port {port} on {host} is already in use: choose another (--port or API_PORT)") from None
+        raise KTChatError(f"cannot listen on {host}:{port} (--host / --port): {exc.strerror or exc}") from None
+    return sock
+
+
 def cmd_api(args) -> int:
+    require_serve_dependencies()
+    host, port, api_key = listen_settings(args)
+    config = load_config(args.config, overrides=parse_overrides(args.set))
+    name = args.model_name or os.environ.get("API_MODEL_NAME") or Path(config.model.model_name_or_path).name
+
     from ..generate import open_session
     from ..generate.engine import Engine
     from ..serve.app import Server, run_uvicorn
 
-    host, port, api_key = listen_settings(args)
-    config = load_config(args.config, overrides=parse_overrides(args.set))
-    name = args.model_name or os.environ.get("API_MODEL_NAME") or Path(config.model.model_name_or_path).name
-    session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
-    engine = Engine(session.model, session.tokenizer, config.generation, session.prompts, queue_size=args.queue_size)
-    logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
-                ", API key required" if api_key else "")
-    run_uvicorn(Server(engine, name, api_key).app(), engine, host, port)
+    with bind_listener(host, port) as sock:
+        session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
+        engine = Engine(session.model, session.tokenizer, config.generation, session.prompts,
+                        queue_size=args.queue_size)
+        logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
+                    ", API key required" if api_key else "")
+        run_uvicorn(Server(engine, name, api_key).app(), engine, host, port, sock=sock)
     return 0

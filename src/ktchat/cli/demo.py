@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import load_config
+from ..errors import KTChatError
 from .chat import repl
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,14 @@ def write_demo_config(paths, root: Path) -> Path:
 
 
 def cmd_demo(args) -> int:
+    root = demo_dir(args.cache)
+    root.mkdir(parents=True, exist_ok=True)  # an OSError here leaves as one line naming the folder (cli.main)
+    if not os.access(root, os.W_OK | os.X_OK):  # checked before the build, not found halfway through it
+        raise KTChatError(f"{root}: cannot write the demo model there (permission denied): pass --cache DIR")
+
     from ..generate import open_session
     from ..tinymodels import TRAINED_QA, build_tiny
 
-    root = demo_dir(args.cache)
-    root.mkdir(parents=True, exist_ok=True)
     logger.info("building the tiny demo model and adapter in %s", root)
     paths = build_tiny(root)
     config_path = write_demo_config(paths, root)

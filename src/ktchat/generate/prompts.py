@@ -9,6 +9,7 @@ own BOS).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def check_template(name: Optional[str]) -> bool:
         raise KTChatError(f"template: {name!r} needs LLaMA-Factory, whose import fails here "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     if name not in TEMPLATES:
-        raise KTChatError(f"template: {name!r} is not one of LLaMA-Factory's templates")
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KTChatError(f"template: {name!r} is not one of LLaMA-Factory's templates{hint}")
     return True
 
 

@@ -13,7 +13,7 @@ import threading
 from typing import Iterator
 
 from ..config import ChatConfig, GenerationArgs
-from .prompts import Prompts
+from .prompts import Prompts, check_template
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,13 @@ class ChatSession:
 
 
 def open_session(config: ChatConfig) -> ChatSession:
-    """Load the model and adapter the config names; prompts as `Prompts.named` builds them (chat and api alike)."""
+    """Load the model and adapter the config names; prompts as `Prompts.named` builds them (chat and api alike).
+
+    `template` is checked before the load (an unknown name was found only after it); load_model checks the rest."""
     from ..model import load_model
 
     m = config.model
+    check_template(m.template)
     model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path, **m.load_kwargs())
     prompts = Prompts.named(model, tokenizer, m.template, config.generation.default_system)
     return ChatSession(model, tokenizer, config.generation, prompts)

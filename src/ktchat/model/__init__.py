@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -42,32 +43,27 @@ def load_model(
     cuda_graphs (None: wherever everything but the experts sits on one CUDA device) decodes one-sequence `generate`
     calls on a static KV cache, one CUDA graph per token with the CPU experts inside (ktchat.model.decode).
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     from ..adapter import read_adapter
     from ..experts import backend_factory
     from .loader import build_skeleton, load_checkpoint, resolve_dtype
-    from .placement import describe, dispatch, plan_placement
+    from .placement import check_devices, describe, dispatch, plan_placement
 
     start = time.perf_counter()
+    # What can be known before the slow part is checked first, cheapest first: devices, folders, files, adapter.
+    check_devices(device, device_map, cuda_graphs)
     model_dir = _local_dir(model_name_or_path, "model_name_or_path")
-    try:
-        # transformers' own implementation of the family, even where the folder ships remote code (auto_map):
-        # ktchat replaces its MoE blocks and relies on its module names.
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise KTChatError(f"{model_dir}: cannot read config.json ({exc})") from None
+    adapter_dir = _local_dir(adapter_name_or_path, "adapter_name_or_path") if adapter_name_or_path else None
+    _check_json_files(model_dir)
+    config = _read_config(model_dir)
     arch = arch_for(config)
+    generation_config = _read_generation_config(model_dir)
+    dtype = resolve_dtype(dtype, config)
+    adapter = read_adapter(adapter_dir) if adapter_dir else None
     if trust_remote_code and getattr(config, "auto_map", None):
         logger.info("trust_remote_code: the model runs on transformers' native %s (remote code is used for the "
                     "tokenizer only)", config.model_type)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise KTChatError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    dtype = resolve_dtype(dtype, config)
+    tokenizer = _read_tokenizer(model_dir, trust_remote_code)
     make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads)
-    adapter = read_adapter(_local_dir(adapter_name_or_path, "adapter_name_or_path")) if adapter_name_or_path else None
 
     skeleton = build_skeleton(config, arch, make_backend, dtype)
     placement = plan_placement(skeleton.model, device, device_map, dtype)
@@ -83,8 +79,8 @@ def load_model(
             dispatch(skeleton.model, placement)
             phases.done("checkpoint but the experts")
             model = skeleton.model.eval()
-            if (model_dir / "generation_config.json").is_file():
-                model.generation_config = GenerationConfig.from_pretrained(model_dir)
+            if generation_config is not None:
+                model.generation_config = generation_config
             if adapter is not None:
                 if peft_modules:
                     model = load_peft_channel(model, adapter, peft_modules).eval()
@@ -134,6 +130,67 @@ def _decode_with_graphs(model, cuda_graphs: bool | None) -> None:
         raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device (they are on {where})")
     if one_gpu and cuda_graphs is not False:
         enable_static_decode(model, cuda_graphs=True)
+
+
+# The JSON files transformers reads from a model folder.
+_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+               "special_tokens_map.json", "added_tokens.json")
+
+
+def _check_json_files(model_dir: Path) -> None:
+    """A corrupt JSON file of the model folder is one line naming it, before transformers reads it its own way
+    (tokenizers raises a bare Exception; generation_config.json used to be read after the weights)."""
+    for name in _JSON_FILES:
+        path = model_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise KTChatError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """transformers' messages run over several lines and paragraphs: the first paragraph, on one line."""
+    return " ".join(str(exc).strip().split("\n\n")[0].split()) or type(exc).__name__
+
+
+def _read_config(model_dir: Path):
+    """transformers' own implementation of the family, even where the folder ships remote code (auto_map):
+    ktchat replaces its MoE blocks and relies on its module names."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise KTChatError(f"{model_dir / 'config.json'}: cannot read the model config ({_first_line(exc)})") from None
+
+
+def _read_generation_config(model_dir: Path):
+    """The checkpoint's generation defaults (its eos ids end replies), read before the weights: None without one."""
+    from transformers import GenerationConfig
+
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise KTChatError(f"{path}: cannot read the generation config ({_first_line(exc)})") from None
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(generation_config, key, None)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise KTChatError(f"{path}: {key} must be a token id >= 0 or a list of them, got {value!r}")
+    return generation_config
+
+
+def _read_tokenizer(model_dir: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot use
+        raise KTChatError(f"{model_dir}: cannot load the tokenizer ({_first_line(exc)})") from None
 
 
 def _local_dir(path, key: str) -> Path:

@@ -10,15 +10,64 @@ from ..errors import KTChatError
 
 
 def resolve_device(device) -> torch.device:
+    """`device` as load_model takes it (None or "auto": cuda where there is one), checked against the GPUs this
+    process sees: a typo or a GPU that is not there is one line naming `device`, not a CUDA error midway."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise KTChatError(f"device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KTChatError(f"device {device} requested but CUDA is not available")
-    return device
+        parsed = torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
+    except (RuntimeError, TypeError):
+        raise KTChatError(f"device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise KTChatError(f"device: {device!r}: only cpu and cuda devices are supported")
+    if parsed.type == "cuda":
+        _check_visible(f"device: {device}", parsed)
+    return parsed
+
+
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_visible(what: str, device: torch.device) -> None:
+    gpus = _visible_gpus()
+    if gpus == 0:
+        raise KTChatError(f"{what}: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
+    if (device.index or 0) >= gpus:
+        seen = "cuda:0" if gpus == 1 else f"cuda:0 to cuda:{gpus - 1}"
+        raise KTChatError(f"{what} is not a visible CUDA device ({gpus} visible: {seen})")
+
+
+def check_devices(device, device_map=None, cuda_graphs=None) -> None:
+    """Everything about placement that is known from the arguments alone, checked before anything is read:
+    `device` parses and exists, device and device_map do not clash, and cuda_graphs: true gets its one GPU."""
+    spread = device_map is None and device == "auto" and _visible_gpus() >= 2
+    if device_map is None:
+        resolve_device(device)
+    elif device not in (None, "auto"):
+        raise KTChatError(f"give device or device_map, not both (device={device!r})")
+    elif isinstance(device_map, dict):
+        for name, value in device_map.items():
+            _device(name, value)
+    obstacle = cuda_graphs and _graph_obstacle(device, device_map, spread)
+    if obstacle:
+        raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device ({obstacle}); "
+                          "set cuda_graphs: false or leave it out")
+
+
+def _graph_obstacle(device, device_map, spread: bool) -> str | None:
+    """Why the non-expert weights will not sit on one GPU, or None."""
+    if _visible_gpus() == 0:
+        return "no CUDA device is visible"
+    if spread:
+        return f"device: auto spreads the layers over the {_visible_gpus()} visible GPUs"
+    if device_map is None:
+        return None if resolve_device(device).type == "cuda" else f"device is {device}"
+    if isinstance(device_map, str):
+        return f"device_map={device_map!r} spreads them over {_visible_gpus()} GPUs" if _visible_gpus() > 1 else None
+    devices = sorted({str(_device(name, value)) for name, value in device_map.items()})
+    one_gpu = len(devices) == 1 and devices[0].startswith("cuda")
+    return None if one_gpu else f"device_map puts them on {', '.join(devices)}"
 
 
 def plan_placement(model: nn.Module, device, device_map, dtype: torch.dtype):
@@ -104,8 +153,8 @@ def _device(name: str, value) -> torch.device:
         raise KTChatError(f"device_map[{name!r}]: {value!r} is not a device") from None
     if device.type not in ("cpu", "cuda"):
         raise KTChatError(f"device_map[{name!r}]: {value!r}: only cpu and cuda devices (no offloading) are supported")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise KTChatError(f"device_map[{name!r}]: {device} is not a visible CUDA device")
+    if device.type == "cuda":
+        _check_visible(f"device_map[{name!r}]: {device}", device)
     return device
 
 

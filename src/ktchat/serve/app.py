@@ -192,9 +192,10 @@ class Server:
             self.engine.cancel(job)
 
 
-def run_uvicorn(app, engine, host: str, port: int) -> None:
+def run_uvicorn(app, engine, host: str, port: int, sock=None) -> None:
     """uvicorn, with the engine closed as soon as shutdown starts: open requests then end at once (503, or an
-    error event when streaming) instead of generating on through the graceful-shutdown wait."""
+    error event when streaming) instead of generating on through the graceful-shutdown wait. `sock`: a listening
+    socket to serve on (`ktchat api` binds it before the load), else uvicorn binds host:port itself."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -202,4 +203,5 @@ def run_uvicorn(app, engine, host: str, port: int) -> None:
             engine.close(timeout=0)
             await super().shutdown(sockets)
 
-    _Server(uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)).run()
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+    _Server(config).run(sockets=None if sock is None else [sock])
