@@ -3,7 +3,8 @@
 The one place ktchat knows the file format. `DTYPES` is every dtype safetensors defines, and every other dtype list
 (`COMPUTE_DTYPES`, `LORA_DTYPES`, `st_name`) is derived from it. `read_header` parses and checks one file's header
 (name -> dtype, shape, byte offsets); `open_checkpoint` finds a model folder's files (model.safetensors, or the shards
-of model.safetensors.index.json) and reads all their headers up front, so a bad checkpoint fails before the slow work.
+of model.safetensors.index.json) and reads all their headers up front, so a bad checkpoint fails before the slow work;
+`staged_output` writes a new checkpoint or adapter folder all at once.
 Every error is one KTChatError line naming the file (and the tensor, where one is at fault).
 
 Bottom layer: the standard library and ktchat.errors only; torch is imported inside `DType.torch`.
@@ -11,8 +12,11 @@ Bottom layer: the standard library and ktchat.errors only; torch is imported ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,3 +239,24 @@ def open_checkpoint(model_dir) -> Checkpoint:
         header = read_header(single)
         return Checkpoint(None, dict.fromkeys(header.tensors, single), {single: header})
     raise KTChatError(f"{model_dir}: no safetensors checkpoint found ({SINGLE_FILE} or {SHARD_INDEX})")
+
+
+@contextlib.contextmanager
+def staged_output(out, overwrite: bool = False):
+    """Yields an empty folder beside `out` that replaces `out` once the block succeeds; on any error `out` stays
+    as it was. The folder is made first, so an unwritable destination is one line naming it before the slow work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise KTChatError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise KTChatError(f"{out}: cannot write the output folder there ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

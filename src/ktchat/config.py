@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from .checkpoint import COMPUTE_DTYPES
 from .errors import KTChatError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
 # Served by ktchat with use_kt: LLaMA-Factory-KT's own inference YAMLs say ktransformers.
 KT_SERVED_BACKENDS = ("huggingface", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
-INFER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+INFER_DTYPES = ("auto", *COMPUTE_DTYPES)
 MOE_LORA_MODES = ("exact", "merged")
 KT_METHODS = ("bf16", "int8", "int4")
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours

@@ -10,13 +10,12 @@ import json
 import logging
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import staged_output
 from ..errors import KTChatError
 from .config import read_adapter_config
 from .core import GENERIC_EXPERTS, ExpertLoRA, ExpertPath, Problems
@@ -45,27 +44,14 @@ def convert(src, out, to: str, *, experts: ExpertPath = GENERIC_EXPERTS, expert_
     if to not in FORMATS:
         raise KTChatError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     src, out = Path(src), Path(out)
-    _check_out(src, out, overwrite)
-    adapter = read_adapter(src)
-    tensors = load_all(adapter, experts, expert_dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        {"peft": write_peft, "kt": write_kt, "sglang": write_sglang}[to](adapter, tensors, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"from": adapter.layout, "to": read_adapter(out).layout, "modules": len(tensors.modules),
-            "expert_groups": len(tensors.experts)}
-
-
-def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents or out.resolve() in src.resolve().parents:
         raise KTChatError(f"{out}: the output folder must not be the adapter folder, inside it, or above it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise KTChatError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_output(out, overwrite) as tmp:
+        adapter = read_adapter(src)
+        tensors = load_all(adapter, experts, expert_dtype)
+        {"peft": write_peft, "kt": write_kt, "sglang": write_sglang}[to](adapter, tensors, tmp)
+    return {"from": adapter.layout, "to": read_adapter(out).layout, "modules": len(tensors.modules),
+            "expert_groups": len(tensors.experts)}
 
 
 def load_all(adapter: Adapter, experts: ExpertPath, expert_dtype: torch.dtype | None) -> Tensors:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
-from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, TensorInfo, open_checkpoint
+from ..checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, TensorInfo, open_checkpoint,
+                          staged_output)
 from ..errors import KTChatError
 
 logger = logging.getLogger(__name__)
@@ -78,26 +78,17 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
     model_dir, out = Path(model_dir), Path(out_dir)
     if dtype not in (None, *COMPUTE_DTYPES):
         raise KTChatError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise KTChatError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    experts = expert_path_for(model_dir)
-    adapter = read_adapter(adapter_dir)
-    channels = split_channels(adapter, experts)
-    base = CheckpointShapes(model_dir, experts)
-    check_channels(adapter, channels, base)
-    merge = Merger(adapter, channels, experts)
-    _check_merge_dtypes(base, merge)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output(out, overwrite) as tmp:
+        experts = expert_path_for(model_dir)
+        adapter = read_adapter(adapter_dir)
+        channels = split_channels(adapter, experts)
+        base = CheckpointShapes(model_dir, experts)
+        check_channels(adapter, channels, base)
+        merge = Merger(adapter, channels, experts)
+        _check_merge_dtypes(base, merge)
         total = _write_all(base, merge, tmp, dtype)
         merge.check_all_used()
         _copy_side_files(model_dir, tmp, total, dtype)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"merged_modules": len(merge.used), "bytes": total, "shards": len(base.headers)}
 
 
