@@ -4,8 +4,10 @@ Real kt_kernel, no mocks: modes this CPU's kt_kernel build lacks are skipped wit
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,9 +166,14 @@ def test_bad_sizes_raise_before_the_kernel(method, hidden, inter, multiple):
         KTExperts(spec(hidden=hidden, inter=inter), moe_lora="merged", method=method)
 
 
-@pytest.mark.parametrize("kw", [{"moe_lora": "fast"}, {"method": "fp8"}, {"chunk_size": 0}, {"num_threads": 0}])
-def test_bad_options_raise(kw):
-    with pytest.raises(KTChatError):
+@pytest.mark.parametrize("kw, message", [
+    ({"moe_lora": "fast"}, "moe_lora must be one of exact, merged \\(got 'fast'\\)"),
+    ({"method": "fp8"}, "method must be one of bf16, int8, int4 \\(got 'fp8'\\)"),
+    ({"chunk_size": 0}, "chunk_size must be an integer >= 1 \\(got 0\\)"),
+    ({"num_threads": 0}, "num_threads must be an integer >= 1 \\(got 0\\)"),
+])
+def test_bad_options_raise_naming_the_option(kw, message):
+    with pytest.raises(KTChatError, match=f"^kt experts: {message}$"):
         KTExperts(spec(), **kw)
 
 
@@ -193,14 +200,39 @@ def test_import_does_not_load_kt_kernel():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_auto_picks_kt_where_a_bf16_kernel_runs(caplog):
-    from ktchat.experts import backend_factory
+# The AVX-512 that kt_kernel 0.7.2's avx512_bf16 build needs (AMX CPUs have it too): the builds that have its SFT
+# kernels, the only ones with exact LoRA. Every build has a bf16 inference kernel (AVX2BF16_MOE in the avx2 one).
+SFT_FLAGS = {"avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16"}
+AUTO_PROBE = """
+import logging
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from ktchat.experts import backend_factory
+factory = backend_factory("auto")
+print(factory.func.__name__, factory.keywords.get("moe_lora"))
+"""
 
-    with caplog.at_level("INFO", logger="ktchat.experts"):
-        factory = backend_factory("auto")
-    runs_here = kt_backend.unavailable_reason("merged", "bf16") is None
-    assert (factory.func is KTExperts) == runs_here
-    assert "experts backend: " + ("kt" if runs_here else "torch") in caplog.text
-    if runs_here:
-        exact_here = kt_backend.unavailable_reason("exact", "bf16") is None
-        assert factory.keywords["moe_lora"] == ("exact" if exact_here else "merged")
+
+def cpu_flags() -> set[str]:
+    """This CPU's flags, without underscores (the kernel spells avx512_vbmi as avx512vbmi)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return {flag.replace("_", "") for flag in line.split(":", 1)[1].split()}
+    return set()
+
+
+@pytest.mark.parametrize("variant", [None, "avx2"], ids=["this-cpu", "avx2-build"])
+def test_auto_picks_kt_and_exact_lora_where_the_cpu_has_avx512_bf16(variant):
+    """In a fresh process per kt_kernel build: this CPU's own (by /proc/cpuinfo), and the avx2 one forced."""
+    pytest.importorskip("kt_kernel")
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo to tell what this CPU has")
+    env = {k: v for k, v in os.environ.items() if k != "KT_KERNEL_CPU_VARIANT"}
+    if variant:
+        env["KT_KERNEL_CPU_VARIANT"] = variant
+    out = subprocess.run([sys.executable, "-c", AUTO_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    exact = variant is None and {flag.replace("_", "") for flag in SFT_FLAGS} <= cpu_flags()
+    assert out.stdout.split() == ["KTExperts", "exact" if exact else "merged"], out.stderr
+    assert "experts backend: kt (kt_kernel variant '" in out.stderr
+    if variant:
+        assert f"variant '{variant}' runs bf16 experts here, merged LoRA (no SFT kernel in this build)" in out.stderr

@@ -63,6 +63,18 @@ def test_use_kt_on_the_command_line():
     assert hook.split_arguments(["--use_kt", "false", "--cpu_infer", "4"], LF_KEYS)[1] is None
 
 
+def test_use_kt_takes_out_every_key_of_ktchats_config_llamafactory_does_not_know():
+    raw = {"model_name_or_path": "m", "use_kt": True, "cuda_graphs": False, "merge_peft_lora": True,
+           "moe_lora": "merged", "device": "cpu", "learning_rate": 1e-4, "max_new_tokens": 8, "template": "default"}
+    lf_args, ours = hook.split_arguments(raw, LF_KEYS)
+    assert lf_args == {"model_name_or_path": "m", "max_new_tokens": 8, "template": "default",
+                       "infer_backend": "huggingface"}
+    assert ours == {"model_name_or_path": "m", "use_kt": True, "cuda_graphs": False, "merge_peft_lora": True,
+                    "moe_lora": "merged", "device": "cpu", "learning_rate": 1e-4, "template": "default"}
+    settings = hook.kt_settings(ours)
+    assert settings.cuda_graphs is False and settings.merge_peft_lora and settings.template == "default"
+
+
 def _settings(**keys):
     return hook.kt_settings({"model_name_or_path": "m", "use_kt": True, **keys})
 
@@ -101,7 +113,7 @@ def test_the_example_yaml_reads_the_same_in_ktchat_chat_and_through_the_hook():
     lf_args, ours = hook.split_arguments(yaml.safe_load(example.read_text()), LF_KEYS | {"template", "temperature",
                                          "top_p", "top_k", "repetition_penalty"})
     assert not {"use_kt", "cpu_infer", "kt_optimize_rule", "chunk_size"} & set(lf_args)
-    assert hook.kt_settings(ours) == config.model.__class__(**{**config.model.__dict__, "template": None})
+    assert hook.kt_settings(ours) == config.model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,13 +171,30 @@ def test_startup_watches_exactly_the_hooked_modules():
     from ktchat.integrations import _startup
 
     assert set(_startup.MODULES) == set(hook.HOOKS)
-    assert _startup.OFF_VALUES == pth.OFF_VALUES
     assert importhook._Finder().find_spec("json") is None  # any other import: not even looked at
 
 
 def _python(code: str, env=None, flags=(), timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), (" Off ", False), ("NO", False),
+                                       ("1", True), ("yes", True), ("", True), (None, True)])
+def test_the_switch_reads_the_same_at_startup_and_in_status(tmp_path, value, on):
+    """KTCHAT_LLAMAFACTORY_HOOK as the .pth's startup module reads it, and as `status` reports it."""
+    pth.enable(tmp_path)
+    probe = (f"import site, sys; site.addsitedir({str(tmp_path)!r}); from ktchat.integrations import importhook; "
+             f"from ktchat.integrations.llamafactory import pth; print(importhook._finder in sys.meta_path); "
+             f"print(pth.status({str(tmp_path)!r}))")
+    env = {k: v for k, v in os.environ.items() if k != "KTCHAT_LLAMAFACTORY_HOOK"}
+    if value is not None:
+        env["KTCHAT_LLAMAFACTORY_HOOK"] = value
+    out = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={**env, "PYTHONPATH": str(REPO / "src")}, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == str(on)
+    assert ("turns the hook off" in out.stdout) == (not on)
 
 
 def test_pth_file_installs_the_hook_at_startup_and_imports_nothing_heavy(tmp_path):
@@ -264,6 +293,64 @@ def test_llamafactory_cli_chat_answers_through_ktchat(lf_config):
     assert "ignored: chunk_size, kt_optimize_rule" in out.stderr
 
 
+# Values for the keys of ktchat's config whose default means "not set", or that need this machine's files; every
+# other key keeps its dataclass default, written out. Valid wherever kt_kernel's bf16 inference kernel runs.
+EVERY_KEY_VALUES = {
+    "template": "default", "use_kt": True, "device": "cpu", "infer_dtype": "float32", "experts_backend": "kt",
+    "kt_num_threads": 1, "moe_lora": "merged", "kt_method": "bf16", "merge_peft_lora": True, "cuda_graphs": False,
+    "max_new_tokens": 32, "do_sample": False, "default_system": "You are a helpful assistant.",
+    "kt_optimize_rule": "examples/kt_optimize_rules/DeepSeek-V2-Lite-Chat-sft-amx.yaml", "chunk_size": 8192,
+}
+
+
+def _default(f):
+    from dataclasses import MISSING
+
+    value = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+    return getattr(value, "value", value)  # LLaMA-Factory's enums as the strings a YAML holds
+
+
+def every_key_yaml(lf_tiny) -> dict:
+    """Every key ktchat's config reads (ModelArgs, GenerationArgs, the older aliases) with a real value, and every
+    key it accepts as ignored with LLaMA-Factory's (or transformers' TrainingArguments') default where they have one."""
+    from dataclasses import fields
+
+    import llamafactory.hparams as hparams
+    from transformers import TrainingArguments
+
+    from ktchat.config import ALIASES, IGNORED_KEYS, GenerationArgs, ModelArgs
+
+    values = {**EVERY_KEY_VALUES, "model_name_or_path": str(lf_tiny.model),
+              "adapter_name_or_path": str(lf_tiny.adapter)}
+    read = {f.name: values.get(f.name, _default(f)) for cls in (ModelArgs, GenerationArgs) for f in fields(cls)}
+    unset = [k for k, v in read.items() if v is None]
+    assert not unset, f"give these keys a value in EVERY_KEY_VALUES: {unset}"
+    read.update({old: read[new] for old, new in ALIASES.items()})
+    classes = (TrainingArguments, *(getattr(hparams, name) for name in hook._LF_ARGUMENT_CLASSES))
+    defaults = {f.name: _default(f) for cls in classes for f in fields(cls)}
+    return {**read, **{k: values.get(k, defaults.get(k)) for k in IGNORED_KEYS}}
+
+
+@needs_lf
+def test_llamafactory_cli_chat_accepts_every_key_ktchat_documents(lf_tiny, tmp_path):
+    from ktchat.experts import kt_backend
+    from ktchat.tinymodels import TRAINED_QA
+
+    if kt_backend.unavailable_reason("merged", "bf16"):  # experts_backend: kt needs it
+        pytest.skip(kt_backend.unavailable_reason("merged", "bf16"))
+    config = tmp_path / "every-key.yaml"
+    config.write_text(yaml.safe_dump(every_key_yaml(lf_tiny), sort_keys=False))
+    out = _lf_cli("chat", config, stdin=f"{TRAINED_QA[0][0]}\nexit\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    replies = _replies(out.stdout)  # not the trained answer: the adapter never saw this template or a system
+    assert len(replies) == 1 and replies[0], out.stdout[-3000:]
+    assert f"Using default system message: {EVERY_KEY_VALUES['default_system']}" in out.stdout
+    _assert_loaded_by_ktchat(out.stderr)
+    assert "[ktchat] kt experts: moe_lora=merged, method=bf16" in out.stderr
+    assert "kt_kernel worker pool: 1 threads" in out.stderr and "cpu_infer is read as kt_num_threads: 1" in out.stderr
+    assert "[ktchat] ignored: " in out.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -343,7 +430,7 @@ def test_webchat_model_answers_through_ktchat(lf_config):
     out = subprocess.run([sys.executable, "-c", WEBCHAT_SCRIPT, str(lf_config()), questions], capture_output=True,
                          text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    replies = json.loads(out.stdout.split("REPLIES=", 1)[1].splitlines()[0])  # kt_kernel prints after it
+    replies = json.loads(out.stdout.split("REPLIES=", 1)[1].splitlines()[0])
     assert replies == [answer for _, answer in TRAINED_QA]
     _assert_loaded_by_ktchat(out.stderr)
 
@@ -420,3 +507,57 @@ def test_ktchat_chat_formats_prompts_with_the_named_template(lf_tiny):
     ids = session.input_ids("Hi")[0].tolist()
     assert tokenizer.decode(ids) == "<|begin|>Be brief.\n\nUser: Hi\n\nAssistant:"
     assert tokenizer.eos_token_id in session._generate_kwargs["eos_token_id"]
+
+
+def _ktchat_replies(stdout: str) -> list[str]:
+    """`ktchat chat`'s replies as printed: each 'Assistant: ' up to the blank line before the next 'User: '."""
+    return [part.split("\n\nUser: ", 1)[0] for part in stdout.split("Assistant: ")[1:]]
+
+
+@needs_lf
+def test_ktchat_chat_and_ktchat_api_answer_alike_with_a_named_template(lf_tiny, tmp_path):
+    """`template: default` is LLaMA-Factory's here: the REPL and the server build prompts with the same Prompts,
+    so greedy replies agree, alone (`clear` between) and as one conversation (the api given the history)."""
+    from transformers import AutoTokenizer
+
+    from ktchat.generate import llamafactory_template
+    from ktchat.tinymodels import TRAINED_QA
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from load_test import start_server
+
+    config = tmp_path / "template.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(lf_tiny.model), "adapter_name_or_path": str(lf_tiny.adapter),
+        "template": "default", "use_kt": True, "do_sample": False, "max_new_tokens": 40}))
+    questions = [q for q, _ in TRAINED_QA]
+    ktchat = Path(sys.executable).parent / "ktchat"
+    stdin = "".join(f"{q}\nclear\n" for q in questions) + "".join(f"{q}\n" for q in questions) + "exit\n"
+    chat = subprocess.run([str(ktchat), "chat", str(config)], input=stdin, capture_output=True, text=True,
+                          timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=REPO)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "[ktchat] template: default (LLaMA-Factory's)" in chat.stderr
+    by_chat = _ktchat_replies(chat.stdout)  # not the trained answers: the adapter was trained on another prompt format
+    assert len(by_chat) == 2 * len(questions), chat.stdout
+
+    template = llamafactory_template(AutoTokenizer.from_pretrained(lf_tiny.model), "default")
+    server, url = start_server(config, tmp_path / "api.log", "--model-name", "tiny", command=[str(ktchat), "api"],
+                               env=ENV, timeout=LF_TIMEOUT)
+    try:
+        conversations = [[{"role": "user", "content": q}] for q in questions]
+        history: list = []
+        for q in questions:
+            history.append({"role": "user", "content": q})
+            conversations.append(list(history))
+            reply = _http(f"{url}/v1/chat/completions", {"model": "tiny", "messages": history})
+            history.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+        by_api, prompt_tokens = [], []
+        for messages in conversations:
+            reply = _http(f"{url}/v1/chat/completions", {"model": "tiny", "messages": messages})
+            by_api.append(reply["choices"][0]["message"]["content"])
+            prompt_tokens.append(reply["usage"]["prompt_tokens"])
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert by_api == by_chat, (tmp_path / "api.log").read_text()[-3000:]
+    assert prompt_tokens == [len(template.encode(m)) for m in conversations]  # LLaMA-Factory's prompt, to the token

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ktchat.experts.base import huge_page_empty
-from ktchat.runtime import THP_ENABLED, huge_pages_on_request, wanted_environment
+from ktchat.runtime import THP_ENABLED, huge_pages_on_request, switched_off, wanted_environment
 
 
 def anon_huge_kib() -> int:
@@ -17,6 +17,12 @@ def anon_huge_kib() -> int:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return 0
+
+
+def test_switches_are_on_unless_set_to_an_off_word():
+    values = ("0", "false", " Off ", "NO", "1", "yes", "", "on")
+    assert [switched_off("KTCHAT_X", {"KTCHAT_X": v}) for v in values] == [True] * 4 + [False] * 4
+    assert switched_off("KTCHAT_X", {}) is False
 
 
 def test_wanted_environment(tmp_path):

@@ -18,6 +18,12 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 OFF_VALUES = ("0", "false", "off", "no")
 
 
+def switched_off(variable: str, env=None) -> bool:
+    """Whether the KTCHAT_* switch `variable` is off in `env` (default os.environ); unset means on."""
+    env = os.environ if env is None else env
+    return env.get(variable, "1").strip().lower() in OFF_VALUES
+
+
 def huge_pages_on_request(thp_enabled=THP_ENABLED) -> bool:
     """True where the kernel gives transparent huge pages only to memory that asks (and glibc can ask)."""
     try:
@@ -37,7 +43,7 @@ def wanted_environment(env=None, thp_enabled=THP_ENABLED) -> dict[str, str]:
     if "OMP_WAIT_POLICY" not in env:
         wanted["OMP_WAIT_POLICY"] = "PASSIVE"
     tunables = env.get("GLIBC_TUNABLES", "")
-    if (env.get("KTCHAT_HUGE_PAGES", "1").strip().lower() not in OFF_VALUES and "glibc.malloc.hugetlb" not in tunables
+    if (not switched_off("KTCHAT_HUGE_PAGES", env) and "glibc.malloc.hugetlb" not in tunables
             and huge_pages_on_request(thp_enabled)):
         wanted["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
     return wanted

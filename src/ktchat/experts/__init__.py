@@ -24,7 +24,7 @@ def backend_factory(
 ) -> Callable[[ExpertsSpec], ExpertsBackend]:
     """Maps "auto" | "torch" | "kt" and its options to a per-layer backend constructor; says which, and why."""
     if name not in ("auto", *BACKENDS):
-        raise KTChatError(f"experts_backend must be 'auto', 'torch' or 'kt', got {name!r}")
+        raise KTChatError(f"experts_backend must be one of auto, {', '.join(BACKENDS)} (got {name!r})")
     if name == "auto":
         use_kt, why = kt_backend.auto_choice()  # imports kt_kernel only now, never at `import ktchat`
         name = "kt" if use_kt else "torch"

@@ -6,20 +6,25 @@ Two ways to run the expert LoRA:
 
 We drive the raw `kt_kernel_ext` classes, not kt_kernel's Python wrappers: the inference wrappers assume CUDA
 pinned memory and a CUDA stream. The raw calls check nothing, so every size, dtype and length is checked here.
-kt_kernel is imported lazily: `import ktchat` must work without it.
+kt_kernel is imported lazily: `import ktchat` must work without it. What its native code prints (the pool's
+hello and goodbye, each kernel build) goes to the debug log (native_output), not into the user's conversation.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import threading
+import weakref
 
 import torch
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
 from .base import BoundExperts, ExpertsBackend, ExpertsSpec, huge_page_empty
+from .native_output import captured
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ _SFT_SHARED = {"share_backward_bb": True, "share_cache_pool": True}
 
 _pool = None  # (CPUInfer, thread count or None when kt_kernel's own wrappers made it)
 _pool_lock = threading.RLock()  # guards creation, kernel builds, and submit+sync pairs from concurrent callers
+_live: weakref.WeakSet = weakref.WeakSet()  # every KTExperts: their kernels point into the pool, which must go last
 
 
 def kt_ext():
@@ -96,13 +102,40 @@ def cpu_infer(num_threads: int | None = None):
                 _pool = (shared, None)
             else:
                 n = num_threads or default_threads()
-                _pool = (ext.CPUInfer(n), n)
+                with captured("kt_kernel worker pool"):
+                    _pool = (ext.CPUInfer(n), n)
                 _MoEBase._cpu_infer_instance = _pool[0]
+                atexit.register(_release_pool)
                 logger.info("kt_kernel worker pool: %d threads (variant %s)", n, cpu_variant())
         elif num_threads and num_threads != _pool[1]:
             have = "set by kt_kernel's wrappers" if _pool[1] is None else f"{_pool[1]} threads"
             logger.warning("kt_kernel worker pool already exists (%s); ignoring num_threads=%d", have, num_threads)
         return _pool[0]
+
+
+def _release_pool() -> None:
+    """At exit: the pool's destructor prints "Goodbye" from C++, so it runs here, captured, rather than during the
+    interpreter's teardown. The kernels point into the pool, so it must go last: with a model still referenced at
+    exit (a module global), the pool is kept for good instead, and the OS reclaims its threads and memory."""
+    global _pool
+    gc.collect()  # models held only by reference cycles
+    with _pool_lock:
+        if _pool is None or _pool[1] is None:
+            return
+        if len(_live):
+            import ctypes
+
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(_pool[0]))  # never destroyed: no goodbye, no dangling kernel
+            logger.debug("kt_kernel worker pool left to the OS at exit (%d kt experts layers still referenced)",
+                         len(_live))
+            return
+        pool, _pool = _pool[0], None
+        from kt_kernel.experts_base import _MoEBase
+
+        if getattr(_MoEBase, "_cpu_infer_instance", None) is pool:
+            _MoEBase._cpu_infer_instance = None
+        with captured("kt_kernel worker pool at exit"):
+            del pool
 
 
 def _run(pool, task) -> None:
@@ -145,13 +178,13 @@ class KTExperts(ExpertsBackend):
     ):
         super().__init__(spec)
         if moe_lora not in MODES:
-            raise KTChatError(f"kt experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
+            raise KTChatError(f"kt experts: moe_lora must be one of {', '.join(MODES)} (got {moe_lora!r})")
         if method not in METHODS:
-            raise KTChatError(f"kt experts: method must be one of {METHODS}, got {method!r}")
+            raise KTChatError(f"kt experts: method must be one of {', '.join(METHODS)} (got {method!r})")
         if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise KTChatError(f"kt experts: chunk_size must be a positive integer, got {chunk_size!r}")
+            raise KTChatError(f"kt experts: chunk_size must be an integer >= 1 (got {chunk_size!r})")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise KTChatError(f"kt experts: num_threads must be a positive integer, got {num_threads!r}")
+            raise KTChatError(f"kt experts: num_threads must be an integer >= 1 (got {num_threads!r})")
         _check_sizes(spec, method)
         reason = unavailable_reason(moe_lora, method)
         if reason:
@@ -160,6 +193,7 @@ class KTExperts(ExpertsBackend):
         self.keep_base_weights = keep_base_weights
         self._moe = kt_ext().moe
         self._pool = cpu_infer(num_threads)
+        _live.add(self)
         e = spec.num_experts
         self.base = {p: huge_page_empty((e, *spec.weight_shape(p)), torch.bfloat16) for p in PROJS}
         # Everything the kernel keeps a raw pointer to lives on self as long as the kernel does.
@@ -253,8 +287,8 @@ class KTExperts(ExpertsBackend):
 
     def _create(self, cls, cfg, *load_args):
         self._kernel = None  # frees the old kernel's packed weights before new ones are packed
-        try:
-            with _pool_lock:  # one build at a time on the shared pool (parallel loading calls this from threads)
+        try:  # one build at a time on the shared pool (parallel loading calls this from threads)
+            with _pool_lock, captured(f"layer {self.spec.layer_idx}: kt_kernel {cls.__name__}"):
                 kernel = cls(cfg)
                 _run_without_gil(self._pool, kernel.load_weights_task(*load_args))
         except RuntimeError as exc:  # kt_kernel's own checks (sizes, ISA); crashes are prevented by _check_sizes

@@ -7,9 +7,10 @@ must start whatever happens here (KTCHAT_DEBUG=1 prints what went wrong). KTCHAT
 
 import os
 
-from ..runtime import OFF_VALUES
+from ..runtime import switched_off
 
-# The keys of ktchat.integrations.llamafactory.hook.HOOKS (a test keeps the two equal).
+# The keys of ktchat.integrations.llamafactory.hook.HOOKS, which this module must not import (it imports the config,
+# yaml and logging); a test keeps the two equal.
 MODULES = ("llamafactory.chat.chat_model", "llamafactory.chat.hf_engine", "llamafactory.train.tuner")
 
 
@@ -19,7 +20,7 @@ def _patch(module) -> None:
     patch_module(module)
 
 
-if os.environ.get("KTCHAT_LLAMAFACTORY_HOOK", "1").strip().lower() not in OFF_VALUES:
+if not switched_off("KTCHAT_LLAMAFACTORY_HOOK"):
     try:
         from .importhook import when_imported
 

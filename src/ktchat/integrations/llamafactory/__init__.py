@@ -1,19 +1,20 @@
 """LLaMA-Factory integration: `llamafactory-cli chat | api | webchat` with `use_kt: true` load through ktchat.
 
-- hook: the wrappers around LLaMA-Factory's chat argument parser and model loader, and `install()`;
-- pth: the .pth file that calls `install()` at interpreter start (`python -m ktchat.integrations.llamafactory
-  enable | disable | status`).
+- hook: the wrappers around LLaMA-Factory's chat argument parser and model loader (`patch_module`);
+- pth: the .pth file whose one line imports ktchat.integrations._startup at interpreter start, which patches
+  those modules when they are imported (`python -m ktchat.integrations.llamafactory enable | disable | status`).
 
 LLaMA-Factory's chat templates by name, for `ktchat chat` and `ktchat api`, live in ktchat.generate.prompts.
 
-Importing this package imports nothing else (it runs at every interpreter start where the hook is enabled);
-the names below load their module on first use. Neither torch nor LLaMA-Factory is imported before use_kt is seen.
+Importing this package imports nothing else (the startup hook imports it as soon as LLaMA-Factory's chat modules
+load); the names below load their module on first use. Neither torch nor LLaMA-Factory is imported before use_kt
+is seen.
 """
 
 import importlib
 
 _EXPORTS = {
-    "KT_KEYS": "hook", "install": "hook", "split_arguments": "hook",
+    "KTCHAT_KEYS": "hook", "split_arguments": "hook",
     "PTH_NAME": "pth", "enable": "pth", "disable": "pth", "status": "pth",
 }
 __all__ = sorted(_EXPORTS)

@@ -4,10 +4,10 @@ LLaMA-Factory has no plugin entry point for model loading, so ktchat wraps two n
 serve chat (docs/llamafactory.md has the whole story):
 
 - `llamafactory.chat.chat_model.get_infer_args` (ChatModel's argument parser, which chat, api and webchat all
-  go through): when the arguments say `use_kt: true`, the wrapper takes `use_kt` and the KT keys LLaMA-Factory
-  does not know out of them, validates those with ktchat's own config rules, and parses the rest with
-  LLaMA-Factory's parser. LLaMA-Factory therefore never sees `use_kt` and never asks for its KT forks
-  (`_check_extra_dependencies`); the wrapper puts `use_kt = True` back on the parsed ModelArguments and
+  go through): when the arguments say `use_kt: true`, the wrapper takes `use_kt` and the keys of ktchat's config
+  (and kt_* keys) LLaMA-Factory does not know out of them, validates those with ktchat's own config rules, and
+  parses the rest with LLaMA-Factory's parser. LLaMA-Factory therefore never sees `use_kt` and never asks for its
+  KT forks (`_check_extra_dependencies`); the wrapper puts `use_kt = True` back on the parsed ModelArguments and
   attaches ktchat's settings to it. `use_kt` with vllm/sglang is refused here, before anything loads.
 - `llamafactory.chat.hf_engine.load_model`: for arguments carrying ktchat's settings, `ktchat.load_model`
   loads the model and adapter in two channels instead. The tokenizer, template and generation arguments stay
@@ -21,31 +21,25 @@ ktchat's config until use_kt is seen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import sys
 from typing import Any, Callable, Optional
 
-from ...config import KT_SERVED_BACKENDS
+from ...config import ALIASES, IGNORED_KEYS, KT_SERVED_BACKENDS, ModelArgs
 from ...errors import KTChatError
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_ATTR = "ktchat_settings"  # set on LLaMA-Factory's ModelArguments when ktchat loads the model
 
-# Keys of LLaMA-Factory-KT configs (older: kt_optimize_rule, cpu_infer, chunk_size; newer: kt_config, kt_backend,
-# kt_num_threads, ...) and ktchat's own. With use_kt, the hook takes these and every other `kt_*` key that
-# LLaMA-Factory does not know out of its arguments. ktchat's config uses some (experts_backend, moe_lora,
-# kt_method, kt_num_threads or cpu_infer, device) and logs the others as ignored, with the reason.
-KT_KEYS = (
-    "experts_backend", "moe_lora", "kt_method", "kt_num_threads", "cpu_infer", "device", "merge_peft_lora",
-    "kt_optimize_rule", "chunk_size", "kt_config", "kt_backend", "kt_mode", "kt_use_cuda_graph", "kt_maxlen",
-    "kt_force_think",
-)
-# Read (not taken) from LLaMA-Factory's arguments so ktchat's config can check them together with the KT keys.
-_SHARED_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "infer_dtype")
 _LF_ARGUMENT_CLASSES = ("ModelArguments", "DataArguments", "FinetuningArguments", "GeneratingArguments")
+# What ktchat's config reads (ModelArgs) or accepts (LLaMA-Factory's older names, keys logged as ignored), derived
+# from config.py so that a key added there is served here too: a hand-kept copy once lost `cuda_graphs`.
+MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelArgs))
+KTCHAT_KEYS = MODEL_KEYS | frozenset(ALIASES) | frozenset(IGNORED_KEYS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,11 +55,9 @@ def _truthy(value: Any) -> bool:
 
 def _lf_keys() -> set[str]:
     """Every key LLaMA-Factory's inference parser accepts (its four argument dataclasses)."""
-    from dataclasses import fields
-
     import llamafactory.hparams as hparams
 
-    return {f.name for name in _LF_ARGUMENT_CLASSES for f in fields(getattr(hparams, name))}
+    return {f.name for name in _LF_ARGUMENT_CLASSES for f in dataclasses.fields(getattr(hparams, name))}
 
 
 def _argv_pairs(argv: list[str]) -> list[tuple[int, int, str, Any]]:
@@ -90,25 +82,28 @@ def _argv_pairs(argv: list[str]) -> list[tuple[int, int, str, Any]]:
 
 
 def _is_kt(key: str) -> bool:
-    return key in KT_KEYS or key.startswith("kt_")
+    """LLaMA-Factory-KT's ever-growing kt_* family: ktchat's config logs the ones it does not read as ignored."""
+    return key.startswith("kt_")
 
 
 def _taken(keys, lf_keys: set[str]) -> set[str]:
-    """The keys the hook takes out of LLaMA-Factory's arguments when use_kt is on."""
-    return {k for k in keys if _is_kt(k) and k not in lf_keys} | {"use_kt", "infer_backend"}
+    """The keys the hook takes out of LLaMA-Factory's arguments when use_kt is on: those ktchat reads or accepts
+    and every kt_* key, where LLaMA-Factory's parser does not know them (it stops on a key it does not know)."""
+    return {k for k in keys if (k in KTCHAT_KEYS or _is_kt(k)) and k not in lf_keys} | {"use_kt", "infer_backend"}
 
 
 def _ours(values: dict[str, Any], taken: set[str]) -> dict[str, Any]:
-    """What ktchat's config reads: the taken keys, every KT key (LLaMA-Factory's own too) and the shared keys."""
-    return {k: v for k, v in values.items() if k in taken or _is_kt(k) or k in _SHARED_KEYS}
+    """What ktchat's config reads: the taken keys, every kt_* key and ModelArgs' keys (LLaMA-Factory's too)."""
+    return {k: v for k, v in values.items() if k in taken or _is_kt(k) or k in MODEL_KEYS}
 
 
 def split_arguments(raw, lf_keys: set[str]) -> tuple[Any, Optional[dict[str, Any]]]:
     """Splits LLaMA-Factory's raw arguments (a dict from YAML/JSON, or an argv list) when they ask for use_kt.
 
     Returns (arguments for LLaMA-Factory, ktchat's keys). Without use_kt: (raw, None), untouched. With it: `use_kt`,
-    `infer_backend` and the KT keys LLaMA-Factory does not know are taken out (LLaMA-Factory gets
-    `infer_backend: huggingface`); ktchat's keys hold those, LLaMA-Factory's own kt_* keys and the shared keys.
+    `infer_backend` and the keys of ktchat's config (and kt_* keys) LLaMA-Factory does not know are taken out
+    (LLaMA-Factory gets `infer_backend: huggingface`); ktchat's keys hold those, LLaMA-Factory's own kt_* keys and
+    the ModelArgs keys both read (model_name_or_path, adapter_name_or_path, template, ...).
     """
     if isinstance(raw, dict):
         if not _truthy(raw.get("use_kt", False)):
@@ -290,11 +285,3 @@ def patch_module(module) -> None:
         return
     if not _hooked(original):
         setattr(module, name, make(original))
-
-
-def install() -> None:
-    """Hooks LLaMA-Factory's chat modules when (or if already) imported; idempotent, imports nothing heavy."""
-    from ..importhook import when_imported
-
-    for module_name in HOOKS:
-        when_imported(module_name, patch_module)

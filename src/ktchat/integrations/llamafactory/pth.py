@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ...runtime import OFF_VALUES
+from ...runtime import switched_off
 
 PTH_NAME = "ktchat-llamafactory.pth"
 PTH_TEXT = (
@@ -40,10 +39,6 @@ def disable(site_dir=None) -> Optional[Path]:
     return path
 
 
-def switched_off() -> bool:
-    return os.environ.get("KTCHAT_LLAMAFACTORY_HOOK", "1").strip().lower() in OFF_VALUES
-
-
 def status(site_dir=None) -> str:
     from ..importhook import _finder
 
@@ -54,6 +49,6 @@ def status(site_dir=None) -> str:
         f"hook active in this interpreter: {'yes' if _finder in sys.meta_path else 'no'}",
         f"llamafactory: {str(Path(lf.origin).parent) if lf else 'not installed'}",
     ]
-    if switched_off():
+    if switched_off("KTCHAT_LLAMAFACTORY_HOOK"):
         lines.append("KTCHAT_LLAMAFACTORY_HOOK turns the hook off in this environment")
     return "\n".join(lines)
