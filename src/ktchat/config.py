@@ -52,7 +52,9 @@ _IGNORED_GROUPS = {
     "ktchat places and runs the routed experts itself (see experts_backend)": (
         "kt_optimize_rule chunk_size kt_config kt_backend kt_mode kt_use_cuda_graph kt_maxlen kt_force_think"
     ),
-    "prompts are formatted with the tokenizer's chat template": "enable_thinking tool_format",
+    "ktchat's prompts (the chat template, or LLaMA-Factory's by template:) take no thinking switch or tools": (
+        "enable_thinking tool_format"
+    ),
     "only used by `llamafactory-cli export`": (
         "export_dir export_size export_device export_quantization_bit export_quantization_dataset "
         "export_quantization_nsamples export_quantization_maxlen export_legacy_format export_hub_model_id"

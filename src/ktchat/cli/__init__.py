@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     os.environ.update(wanted)
     if "GLIBC_TUNABLES" in wanted and argv is None:  # the console script: start again, glibc now asks for huge pages
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    logging.basicConfig(level=logging.INFO, format="[ktchat] %(message)s")
+    level = os.environ.get("KTCHAT_LOG_LEVEL", "INFO").strip().upper()  # DEBUG shows kt_kernel's captured output
+    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else logging.INFO,
+                        format="[ktchat] %(message)s")
     try:
         return args.func(args)
     except (KTChatError, OSError) as exc:  # OSError: a path or socket the command could not use (unwritable OUT...)

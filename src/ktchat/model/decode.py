@@ -178,7 +178,7 @@ class StaticDecode:
             return
         self._graph, self._output = graph, output
         self._replayed = torch.cuda.Event(blocking=True)
-        logger.info("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
+        logger.debug("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
 
 
 @functools.cache
