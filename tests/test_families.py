@@ -1,10 +1,12 @@
 """Every MoE family in KT mode against the hand-merged fp32 reference (plain transformers, whichever major runs the
-suite), and what each family brings: MTP tensors, the score-correction bias, router LoRA, Mixtral's block name,
-DeepSeek's YaRN attention scale, and layers spread over several devices."""
+suite), and what each family brings: MTP tensors, the score-correction bias and its routing (DeepSeek-V3, V3.1,
+GLM-4-MoE), router LoRA, Mixtral's block name, DeepSeek's YaRN attention scale, and layers spread over several
+devices."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -20,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from ktchat import load_model
 from ktchat.model import offloaded_blocks
 from ktchat.model.moe import OffloadedMoE
-from ktchat.model.registry import ARCHS
+from ktchat.model.registry import arch_for
 from ktchat.tinymodels import TRAINED_QA
 
 from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
-FAMILIES = ("deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral")
+MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
 
 
@@ -129,7 +132,7 @@ def test_checkpoint_uses_the_names_transformers_saves(fam, tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(fam.paths.model, dtype=torch.float32, output_loading_info=True)
     n = model.config.num_hidden_layers
     assert not info["missing_keys"] and not info["mismatched_keys"]
-    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])  # DeepSeek-V3's MTP layer only
+    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])  # MTP layers (DeepSeek-V3, GLM)
     model.save_pretrained(tmp_path)
     saved = set(read_checkpoint(tmp_path))
     on_disk = {k for k in read_checkpoint(fam.paths.model) if not k.startswith(f"model.layers.{n}.")}
@@ -149,18 +152,21 @@ def test_layers_on_a_device_map_go_through_hooks_and_match(fam):
 # --- what single families bring -------------------------------------------------------------------------------------
 
 
-def test_deepseek_v3_mtp_layer_is_skipped_with_one_log_line(tiny_family, caplog):
-    paths = tiny_family("deepseek_v3")
+@pytest.mark.parametrize("name", MTP_FAMILIES)
+def test_mtp_layer_is_skipped_with_one_log_line(tiny_family, caplog, name):
+    paths = tiny_family(name)
     with caplog.at_level(logging.INFO, logger="ktchat.model.loader"):
         load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
     lines = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    n = json.loads((paths.model / "config.json").read_text())["num_hidden_layers"]
     mtp = [k for k in json.loads((paths.model / "model.safetensors.index.json").read_text())["weight_map"]
-           if k.startswith("model.layers.3.")]
-    assert len(lines) == 1 and f"skipped {len(mtp)} checkpoint tensors of model.layers.3:" in lines[0]
+           if k.startswith(f"model.layers.{n}.")]
+    assert mtp and len(lines) == 1 and f"skipped {len(mtp)} checkpoint tensors of model.layers.{n}:" in lines[0]
 
 
-def test_deepseek_v3_score_correction_bias_is_loaded_and_steers_routing(tiny_family):
-    paths = tiny_family("deepseek_v3")
+@pytest.mark.parametrize("name", MTP_FAMILIES)
+def test_score_correction_bias_is_loaded_and_steers_routing(tiny_family, name):
+    paths = tiny_family(name)
     model, tok = load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
     stored = read_checkpoint(paths.model)
     ids = chat_prompt_ids(tok)[-1]
@@ -168,7 +174,7 @@ def test_deepseek_v3_score_correction_bias_is_loaded_and_steers_routing(tiny_fam
     for layer, block in offloaded_blocks(model).items():
         bias = block.gate.e_score_correction_bias
         want = stored[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]
-        assert bias.dtype == torch.float32 and torch.equal(bias.cpu(), want)
+        assert bias.dtype == torch.float32 and torch.equal(bias.cpu(), want) and want.abs().min() > 0
         bias.zero_()
     assert rel_err(logits(model, ids), before) > 100 * FP32_BOUND
 
@@ -214,29 +220,97 @@ def test_mixtral_block_keeps_its_checkpoint_name(tiny_family):
         assert layer.mlp is layer.block_sparse_moe and "mlp" not in layer._modules
 
 
-@pytest.mark.parametrize("negative_bias", [False, True])
-def test_deepseek_v3_route_equals_transformers_router(negative_bias):
-    """Group-limited sigmoid routing with bias, against transformers' own router (16 experts, 4 groups, top-4)."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mdv3
+# config.json of real checkpoints, scaled down (auto_map and the FP8 quantization_config left out): DeepSeek-V3.1 is
+# the deepseek_v3 entry (256 experts in 8 groups of 32, top-8 from the best 4 groups; here groups of 4).
+DEEPSEEK_V3_1 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 128,
+    "kv_lora_rank": 16, "max_position_embeddings": 163840, "moe_intermediate_size": 32, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 32, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 4,
+    "num_experts_per_tok": 8, "num_hidden_layers": 4, "num_key_value_heads": 4, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 16,
+    "vocab_size": 1024,
+}
+# GLM-4.5 (160 experts, top-8, one group, 3 dense layers, q/k norms, half-rotary heads of 128; here 16 experts).
+GLM_4_5 = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+    "attention_dropout": 0.0, "pad_token_id": 0, "eos_token_id": [1, 2], "head_dim": 32, "hidden_act": "silu",
+    "hidden_size": 64, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 128,
+    "max_position_embeddings": 131072, "moe_intermediate_size": 32, "norm_topk_prob": True,
+    "num_attention_heads": 4, "n_group": 1, "topk_group": 1, "n_routed_experts": 16, "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5, "num_experts_per_tok": 4, "first_k_dense_replace": 3, "num_hidden_layers": 4,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_qk_norm": True, "vocab_size": 1024,
+}
+ROUTER_CONFIGS = {
+    "deepseek_v3": dict(DEEPSEEK_V3_1, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
+    "deepseek_v3.1": DEEPSEEK_V3_1,
+    "glm4.5": GLM_4_5,
+    "glm4_moe-grouped": dict(GLM_4_5, n_group=4, topk_group=2),
+}
 
-    if negative_bias and TF4:
+
+def _config_json(tmp_path, cfg: dict):
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return AutoConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("negative_bias", [False, True])
+@pytest.mark.parametrize("case", sorted(ROUTER_CONFIGS))
+def test_noaux_tc_route_equals_transformers_router(tmp_path, case, negative_bias):
+    """Group-limited sigmoid routing with bias, as the registry entry routes it, against transformers' own router
+    module (DeepseekV3TopkRouter, Glm4MoeTopkRouter) on random logits."""
+    config = _config_json(tmp_path, ROUTER_CONFIGS[case])
+    mt = config.model_type
+    try:
+        router_cls = getattr(importlib.import_module(f"transformers.models.{mt}.modeling_{mt}"),
+                             f"{type(config).__name__.removesuffix('Config')}TopkRouter")
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"transformers {transformers.__version__} has no {mt} router ({exc})")
+    if negative_bias and TF4 and config.topk_group < config.n_group:
         pytest.skip("transformers 4.57 masks left-out groups with 0.0, not -inf: it differs once biased scores go "
                     "negative (transformers 5 and DeepSeek's code use -inf, as ktchat does)")
-    cfg = transformers.DeepseekV3Config(hidden_size=64, n_routed_experts=16, n_group=4, topk_group=2,
-                                        num_experts_per_tok=4, norm_topk_prob=True, routed_scaling_factor=2.5)
+    e, h = config.n_routed_experts, config.hidden_size
     gen = torch.Generator().manual_seed(0)
-    router = mdv3.DeepseekV3TopkRouter(cfg)
+    router = router_cls(config)
     with torch.no_grad():
-        router.weight.copy_(torch.randn(16, 64, generator=gen) * 0.1)
-        bias = torch.randn(16, generator=gen) * 0.3
+        router.weight.copy_(torch.randn(e, h, generator=gen) * 0.1)
+        bias = torch.randn(e, generator=gen) * 0.3
         router.e_score_correction_bias.copy_(bias if negative_bias else bias.abs())
-    x = torch.randn(200, 64, generator=gen)
+    x = torch.randn(200, h, generator=gen)
     out = router(x)
     want_ids, want_w = (out[0], out[1]) if TF4 else (out[2], out[1])
-    got_w, got_ids = ARCHS["deepseek_v3"].route(x @ router.weight.T, router, cfg)
+    got_w, got_ids = arch_for(config).route(x @ router.weight.T, router, config)
     order_got, order_want = got_ids.argsort(dim=-1), want_ids.argsort(dim=-1)
     assert torch.equal(got_ids.gather(1, order_got), want_ids.gather(1, order_want))
     torch.testing.assert_close(got_w.gather(1, order_got), want_w.float().gather(1, order_want))
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3.1", "glm4.5"])
+def test_real_configs_are_accepted_with_dense_layers_and_mtp(tmp_path, case):
+    """A DeepSeek-V3.1 / GLM-4.5 config.json (scaled down) builds in KT mode: its MoE layers after the dense ones
+    offloaded with the config's sizes, its MTP layer's tensors skipped with the reason, the last layer's kept."""
+    from ktchat.experts import backend_factory
+    from ktchat.model.loader import build_skeleton
+
+    config = _config_json(tmp_path, ROUTER_CONFIGS[case])
+    arch = arch_for(config)
+    blocks = build_skeleton(config, arch, backend_factory("torch"), torch.float32).moe_blocks
+    n, dense = config.num_hidden_layers, config.first_k_dense_replace
+    assert sorted(blocks) == list(range(dense, n))
+    spec = blocks[n - 1].cpu_experts.backend.spec
+    assert (spec.num_experts, spec.top_k, spec.intermediate_size) == (config.n_routed_experts,
+                                                                       config.num_experts_per_tok, 32)
+    assert "multi-token-prediction" in arch.skip_tensor(f"model.layers.{n}.eh_proj.weight", config)
+    assert arch.skip_tensor(f"model.layers.{n - 1}.mlp.gate.weight", config) is None
 
 
 def test_deepseek_v2_yarn_attention_scale_is_applied_in_both_majors(tiny, tmp_path):

@@ -1,5 +1,6 @@
 """The family registry: every entry is exercised end to end by a tiny model, and unknown families are refused."""
 
+import re
 import types
 
 import pytest
@@ -36,3 +37,29 @@ def test_deepseek_v2_configs_it_cannot_route_are_refused(overrides, fragment):
         setattr(config, key, value)
     with pytest.raises(KTChatError, match=fragment):
         arch_for(config)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported for {model_type} (only 'sigmoid')"),
+    ({"topk_method": "greedy"}, "topk_method 'greedy' is not supported for {model_type} (only 'noaux_tc')"),
+    ({"n_group": 3}, "n_routed_experts 8, n_group 3, topk_group 1 cannot route 2 experts per token"),
+    ({"n_group": 8}, "groups of >= 2 experts"),
+    ({"n_group": 4, "num_experts_per_tok": 3}, "topk_group * group size >= k"),
+])
+def test_noaux_tc_configs_it_cannot_route_are_refused(model_type, overrides, fragment):
+    """DeepSeek-V3 and GLM-4-MoE share the sigmoid + bias router: the same checks, naming the family."""
+    config = types.SimpleNamespace(model_type=model_type, n_routed_experts=8, n_group=2, topk_group=1,
+                                   num_experts_per_tok=2)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with pytest.raises(KTChatError, match=re.escape(fragment.format(model_type=model_type))):
+        arch_for(config)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_noaux_tc_configs_without_topk_method_are_accepted(model_type):
+    """GLM-4.5's config.json names no topk_method or scoring_func (transformers' Glm4Moe routes noaux_tc anyway)."""
+    config = types.SimpleNamespace(model_type=model_type, n_routed_experts=160, n_group=1, topk_group=1,
+                                   num_experts_per_tok=8)
+    assert arch_for(config).model_type == model_type

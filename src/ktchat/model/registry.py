@@ -96,8 +96,10 @@ def _deepseek_v2_route(logits: torch.Tensor, router, config) -> tuple[torch.Tens
 
 
 def _deepseek_v3_route(logits: torch.Tensor, router, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid scores; experts chosen on score + e_score_correction_bias within the topk_group groups of highest
-    top-2 sum; weights are the unbiased scores, normalised if norm_topk_prob, times routed_scaling_factor.
+    """DeepSeek-V3's noaux_tc routing, which GLM-4-MoE's is line for line (Glm4MoeTopkRouter, both majors).
+
+    Sigmoid scores; experts chosen on score + e_score_correction_bias within the topk_group groups of highest top-2
+    sum; weights are the unbiased scores, normalised if norm_topk_prob, times routed_scaling_factor.
 
     Groups left out are masked with -inf as in transformers 5 and DeepSeek's own inference code (transformers 4.57
     masks with 0.0, which differs only where a kept expert's biased score is negative).
@@ -140,12 +142,14 @@ def _check_deepseek_v2(config) -> None:
         raise KTChatError("config.json: n_routed_experts must be divisible by n_group")
 
 
-def _check_deepseek_v3(config) -> None:
-    """transformers' DeepseekV3 always routes as noaux_tc with sigmoid scores: refuse configs that say otherwise."""
+def _check_noaux_tc(config) -> None:
+    """transformers' DeepseekV3 and Glm4Moe always route as noaux_tc with sigmoid scores: refuse configs that say
+    otherwise, and groupings that cannot pick num_experts_per_tok experts."""
+    family = config.model_type
     for key, allowed in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
         value = getattr(config, key, None)
         if value not in (None, allowed):
-            raise KTChatError(f"config.json: {key} {value!r} is not supported for deepseek_v3 (only {allowed!r})")
+            raise KTChatError(f"config.json: {key} {value!r} is not supported for {family} (only {allowed!r})")
     e, g, k = config.n_routed_experts, config.n_group, config.num_experts_per_tok
     if e % g or e // g < 2 or config.topk_group * (e // g) < k:
         raise KTChatError(f"config.json: n_routed_experts {e}, n_group {g}, topk_group {config.topk_group} cannot "
@@ -156,8 +160,8 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _mtp_layer(name: str, config) -> str | None:
-    """DeepSeek-V3 checkpoints append num_nextn_predict_layers multi-token-prediction layers after the last decoder
-    layer; transformers' model has no MTP head, so their tensors are skipped (and logged)."""
+    """DeepSeek-V3 and GLM-4-MoE checkpoints append num_nextn_predict_layers multi-token-prediction layers after the
+    last decoder layer; transformers' model has no MTP head, so their tensors are skipped (and logged)."""
     m = _LAYER.match(name)
     n, extra = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
     if m and n <= int(m[1]) < n + extra:
@@ -192,16 +196,19 @@ def _yarn_mscale_scaling(model, config) -> None:
 
 # --- the families --------------------------------------------------------------------------------------------------
 
-_DEEPSEEK = dict(num_experts_attr="n_routed_experts", top_k_attr="num_experts_per_tok",
-                 moe_intermediate_attr="moe_intermediate_size", shared_experts_attr="shared_experts",
-                 patch_model=_yarn_mscale_scaling)
+_SHARED_MOE = dict(num_experts_attr="n_routed_experts", top_k_attr="num_experts_per_tok",
+                   moe_intermediate_attr="moe_intermediate_size", shared_experts_attr="shared_experts")
+# sigmoid + score-correction-bias routing, shared experts, MTP layers in the checkpoint: DeepSeek-V3, GLM-4-MoE
+_NOAUX_TC = dict(route=_deepseek_v3_route, check_config=_check_noaux_tc, router_buffers=("e_score_correction_bias",),
+                 skip_tensor=_mtp_layer, **_SHARED_MOE)
 _QWEN = dict(num_experts_attr="num_experts", top_k_attr="num_experts_per_tok",
              moe_intermediate_attr="moe_intermediate_size", route=_softmax_topk("norm_topk_prob"), tuple_output_v4=True)
 
 ARCHS: dict[str, MoEArch] = {
-    "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2, **_DEEPSEEK),
-    "deepseek_v3": MoEArch("deepseek_v3", _deepseek_v3_route, check_config=_check_deepseek_v3,
-                           router_buffers=("e_score_correction_bias",), skip_tensor=_mtp_layer, **_DEEPSEEK),
+    "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2,
+                           patch_model=_yarn_mscale_scaling, **_SHARED_MOE),
+    "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
+    "glm4_moe": MoEArch("glm4_moe", **_NOAUX_TC),
     "qwen2_moe": MoEArch("qwen2_moe", shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
                          **_QWEN),
     "qwen3_moe": MoEArch("qwen3_moe", **_QWEN),

@@ -148,23 +148,52 @@ def _deepseek_v3_config(vocab, pad, bos, eos) -> dict:
                    ep_size=1)
 
 
-def _deepseek_v3_specs(cfg: dict) -> list[Spec]:
-    h, e, moe_i, n = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["num_hidden_layers"]
+def _mtp(p: str, cfg: dict) -> list[Spec]:
+    """An MTP layer's own tensors beside its decoder layer's, as DeepSeek-V3 and GLM-4.5 checkpoints hold them."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    return [(f"{p}.embed_tokens.weight", (v, h), "embed"), (f"{p}.enorm.weight", (h,), "norm"),
+            (f"{p}.hnorm.weight", (h,), "norm"), (f"{p}.eh_proj.weight", (h, 2 * h), "linear"),
+            (f"{p}.shared_head.norm.weight", (h,), "norm"), (f"{p}.shared_head.head.weight", (v, h), "lm_head")]
 
-    def layer(p: str, i: int) -> list[Spec]:
-        specs = _mla(p, cfg)
-        if i < cfg["first_k_dense_replace"]:
-            return specs + _mlp(f"{p}.mlp", cfg["intermediate_size"], h)
-        specs += [(f"{p}.mlp.gate.weight", (e, h), "linear"), (f"{p}.mlp.gate.e_score_correction_bias", (e,), "score_bias")]
-        specs += _mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"], h) + _experts(f"{p}.mlp", cfg, e, moe_i)
-        if i >= n:  # the multi-token-prediction layer's own tensors, as DeepSeek-V3 checkpoints carry them
-            specs += [(f"{p}.embed_tokens.weight", (cfg["vocab_size"], h), "embed"), (f"{p}.enorm.weight", (h,), "norm"),
-                      (f"{p}.hnorm.weight", (h,), "norm"), (f"{p}.eh_proj.weight", (h, 2 * h), "linear"),
-                      (f"{p}.shared_head.norm.weight", (h,), "norm"),
-                      (f"{p}.shared_head.head.weight", (cfg["vocab_size"], h), "lm_head")]
-        return specs
 
-    return _model(cfg, layer, extra_layers=cfg["num_nextn_predict_layers"])
+def _noaux_tc_specs(attention: Callable[[str, dict], list[Spec]]) -> Callable[[dict], list[Spec]]:
+    """DeepSeek-V3's layout around the family's attention: dense first layers, then a router with its score-correction
+    bias, shared experts and routed experts; num_nextn_predict_layers MTP layers after the last decoder layer."""
+
+    def specs(cfg: dict) -> list[Spec]:
+        h, e, moe_i = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+
+        def layer(p: str, i: int) -> list[Spec]:
+            specs = attention(p, cfg)
+            if i < cfg["first_k_dense_replace"]:
+                return specs + _mlp(f"{p}.mlp", cfg["intermediate_size"], h)
+            specs += [(f"{p}.mlp.gate.weight", (e, h), "linear"),
+                      (f"{p}.mlp.gate.e_score_correction_bias", (e,), "score_bias")]
+            specs += _mlp(f"{p}.mlp.shared_experts", moe_i * cfg["n_shared_experts"], h)
+            specs += _experts(f"{p}.mlp", cfg, e, moe_i)
+            return specs + (_mtp(p, cfg) if i >= cfg["num_hidden_layers"] else [])
+
+        return _model(cfg, layer, extra_layers=cfg["num_nextn_predict_layers"])
+
+    return specs
+
+
+_deepseek_v3_specs = _noaux_tc_specs(_mla)
+
+
+# --- GLM-4-MoE (GLM-4.5 / 4.6 / 4.7): GQA with q/k/v bias, q/k norms, heads of 128 (twice hidden / heads) rotated on
+# half their dims; DeepSeek-V3's routing (here over 4 groups of 2), a dense first layer, a shared expert, an MTP layer
+
+
+def _glm4_moe_config(vocab, pad, bos, eos) -> dict:
+    return _common(vocab, pad, bos, eos, architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe",
+                   intermediate_size=512, moe_intermediate_size=128, num_key_value_heads=2, head_dim=128,
+                   partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, first_k_dense_replace=1,
+                   n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                   n_group=4, topk_group=2, norm_topk_prob=True, num_nextn_predict_layers=1)
+
+
+_glm4_moe_specs = _noaux_tc_specs(lambda p, cfg: _gqa(p, cfg, bias=cfg["attention_bias"], qk_norm=cfg["use_qk_norm"]))
 
 
 # --- Qwen2-MoE: GQA with q/k/v bias, a sigmoid-gated shared expert, a dense middle layer (mlp_only_layers) -------
@@ -255,6 +284,7 @@ def _family(name, config, specs, names) -> Family:
 FAMILIES: dict[str, Callable[[], Family]] = {
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": lambda: _family("deepseek_v3", _deepseek_v3_config, _deepseek_v3_specs, _MLA_NAMES + _MLP_NAMES),
+    "glm4_moe": lambda: _family("glm4_moe", _glm4_moe_config, _glm4_moe_specs, _GQA_NAMES + _MLP_NAMES),
     "qwen2_moe": lambda: _family("qwen2_moe", _qwen2_moe_config, _qwen2_moe_specs,
                                  _GQA_NAMES + _MLP_NAMES + ("shared_expert_gate",)),
     "qwen3_moe": lambda: _family("qwen3_moe", _qwen3_moe_config, _qwen3_moe_specs, _GQA_NAMES + _MLP_NAMES),
