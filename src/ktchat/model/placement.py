@@ -14,15 +14,20 @@ def resolve_device(device) -> torch.device:
     process sees: a typo or a GPU that is not there is one line naming `device`, not a CUDA error midway."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _parse_device("device", device, device, " (use cpu, cuda, cuda:N or auto)")
+
+
+def _parse_device(what: str, value, shown, hint: str = "") -> torch.device:
+    """`value` (a device string or a GPU index) as a cpu or visible cuda device; errors name `what`."""
     try:
-        parsed = torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
+        device = torch.device(f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else value)
     except (RuntimeError, TypeError):
-        raise KTChatError(f"device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise KTChatError(f"device: {device!r}: only cpu and cuda devices are supported")
-    if parsed.type == "cuda":
-        _check_visible(f"device: {device}", parsed)
-    return parsed
+        raise KTChatError(f"{what}: {value!r} is not a device{hint}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KTChatError(f"{what}: {value!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        _check_visible(f"{what}: {shown or device}", device)
+    return device
 
 
 def _visible_gpus() -> int:
@@ -147,15 +152,7 @@ def checked_device_map(model: nn.Module, device_map: dict) -> dict[str, torch.de
 
 
 def _device(name: str, value) -> torch.device:
-    try:
-        device = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
-    except (RuntimeError, TypeError):
-        raise KTChatError(f"device_map[{name!r}]: {value!r} is not a device") from None
-    if device.type not in ("cpu", "cuda"):
-        raise KTChatError(f"device_map[{name!r}]: {value!r}: only cpu and cuda devices (no offloading) are supported")
-    if device.type == "cuda":
-        _check_visible(f"device_map[{name!r}]: {device}", device)
-    return device
+    return _parse_device(f"device_map[{name!r}]", value, None, " (no offloading: cpu, cuda or cuda:N)")
 
 
 def placement_of(placement):
