@@ -56,6 +56,11 @@ def tiny_family():
     built = {}
 
     def build(name: str):
+        from ktchat.tinymodels.families import family
+
+        reason = family(name).unavailable()  # Qwen3.5-MoE under transformers 4.57: not built there
+        if reason:
+            pytest.skip(reason)
         if name not in built:
             where = root if name == "deepseek_v2" else root.with_name(f"{root.name}-{name}")  # DeepSeek-V2: `tiny`
             built[name] = build_tiny(where, family=name)

@@ -28,9 +28,10 @@ from ktchat.tinymodels import TRAINED_QA
 from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
-FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text")
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
+EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers"}  # the reason decode.py logs for eager decoding
 
 
 @dataclass
@@ -86,13 +87,19 @@ def test_greedy_equals_reference_and_gives_trained_answers(fam, kt_fp32):
         assert answer in fam.tok.decode(got, skip_special_tokens=True)
 
 
-def test_static_cache_decode_equals_reference(fam, static_decode_capable):
-    """Every family decodes on ktchat's static cache (its device-side mask and positions) as the reference does."""
+def test_static_cache_decode_equals_reference(fam, static_decode_capable, caplog):
+    """Every family decodes on ktchat's static cache (its device-side mask and positions) as the reference does;
+    one whose cache holds linear-attention state (Qwen3.5-MoE) decodes eagerly, saying why, and just as well."""
     from ktchat.model.decode import enable_static_decode
     model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     static = enable_static_decode(model, cuda_graphs=False)
-    for ids in fam.prompts[:2]:
-        assert greedy(model, ids) == greedy(fam.reference, ids)
+    with caplog.at_level(logging.INFO, logger="ktchat.model.decode"):
+        for ids in fam.prompts[:2]:
+            assert greedy(model, ids) == greedy(fam.reference, ids)
+    if fam.name in EAGER_DECODE:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("static decode off")]
+        assert static.cache is None and lines and all(EAGER_DECODE[fam.name] in line for line in lines)
+        return
     assert static.cache is not None and static._signature is not None, "no step went through the static cache"
 
 
@@ -198,7 +205,7 @@ def _router_lora_adapter(paths, out):
     return out
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text"])
 def test_router_lora_goes_through_peft_exactly(tiny_family, tmp_path, name):
     paths = tiny_family(name)
     adapter = _router_lora_adapter(paths, tmp_path / "adapter")
@@ -208,6 +215,40 @@ def test_router_lora_goes_through_peft_exactly(tiny_family, tmp_path, name):
     for ids in chat_prompt_ids(tok):
         assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
         assert rel_err(logits(model, ids), logits(without, ids)) > 100 * FP32_BOUND
+
+
+def _fused_expert_checkpoint(model_dir, out):
+    """A copy of the tiny checkpoint with each layer's experts as transformers 5 holds them in memory:
+    mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and mlp.experts.down_proj [E, H, I]."""
+    shutil.copytree(model_dir, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        weights = load_file(str(out / shard))
+        per_expert = {}
+        for key in [k for k in weights if re.search(r"\.experts\.\d+\.", k)]:
+            m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", key)
+            per_expert.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = weights.pop(key)
+            del index["weight_map"][key]
+        for block, projs in per_expert.items():
+            stack = lambda p: torch.stack([projs[p][e] for e in sorted(projs[p])])  # noqa: E731
+            weights[f"{block}.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+            weights[f"{block}.down_proj"] = stack("down_proj")
+            index["weight_map"].update({f"{block}.gate_up_proj": shard, f"{block}.down_proj": shard})
+        save_file(weights, str(out / shard), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_moe_text", "qwen3_moe"])
+def test_fused_expert_checkpoint_loads_like_per_expert_keys(tiny_family, tmp_path, name):
+    """Expert weights load from fused experts.gate_up_proj / experts.down_proj tensors as from per-expert keys."""
+    paths = tiny_family(name)
+    fused = _fused_expert_checkpoint(paths.model, tmp_path / "fused")
+    assert not [k for k in read_checkpoint(fused) if re.search(r"\.experts\.\d+\.", k)]
+    model, tok = load_model(fused, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    reference = merged(paths, "merged-all")
+    for ids in chat_prompt_ids(tok):
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
 
 
 def test_mixtral_block_keeps_its_checkpoint_name(tiny_family):
@@ -288,6 +329,27 @@ def test_noaux_tc_route_equals_transformers_router(tmp_path, case, negative_bias
     x = torch.randn(200, h, generator=gen)
     out = router(x)
     want_ids, want_w = (out[0], out[1]) if TF4 else (out[2], out[1])
+    got_w, got_ids = arch_for(config).route(x @ router.weight.T, router, config)
+    order_got, order_want = got_ids.argsort(dim=-1), want_ids.argsort(dim=-1)
+    assert torch.equal(got_ids.gather(1, order_got), want_ids.gather(1, order_want))
+    torch.testing.assert_close(got_w.gather(1, order_got), want_w.float().gather(1, order_want))
+
+
+def test_qwen3_5_moe_route_equals_transformers_router():
+    """Qwen3.5-MoE's softmax top-k, always renormalised, as the registry entry routes it, against transformers' own
+    Qwen3_5MoeTopKRouter on random inputs (256 experts, top-8, as Qwen3.5-35B-A3B)."""
+    try:
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeTopKRouter
+    except ImportError as exc:
+        pytest.skip(f"transformers {transformers.__version__} has no qwen3_5_moe model ({exc})")
+    config = Qwen3_5MoeTextConfig(hidden_size=64, num_experts=256, num_experts_per_tok=8, num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    router = Qwen3_5MoeTopKRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(256, 64, generator=gen) * 0.3)
+    x = torch.randn(200, 64, generator=gen)
+    _, want_w, want_ids = router(x)
     got_w, got_ids = arch_for(config).route(x @ router.weight.T, router, config)
     order_got, order_want = got_ids.argsort(dim=-1), want_ids.argsort(dim=-1)
     assert torch.equal(got_ids.gather(1, order_got), want_ids.gather(1, order_want))

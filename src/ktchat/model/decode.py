@@ -95,7 +95,11 @@ class StaticDecode:
         cache = StaticCache(config=self.model.config, max_cache_len=size)
         layers = getattr(cache, "layers", [None])
         if any(type(layer).__name__ != "StaticLayer" for layer in layers):
-            logger.info("static decode off: the cache has sliding-window layers")  # the mask here is full-length
+            # the mask here is full-length, and a linear-attention layer's conv / recurrent state (Qwen3.5-MoE's
+            # Gated DeltaNet) is not a KV cache the step's mask and position describe
+            linear = any("LinearAttention" in type(layer).__name__ for layer in layers)
+            logger.info("static decode off: the cache has %s layers; decoding is eager",
+                        "linear-attention" if linear else "sliding-window")
             return False
         if not _separate_value_width(type(layers[0])):
             logger.info("static decode off: this transformers' StaticCache stores values as wide as keys")

@@ -143,6 +143,10 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
         for e in range(block.cpu_experts.backend.spec.num_experts)
         for proj in ("gate", "up", "down")
     }
+    # transformers 5's in-memory layout, as some checkpoints hold it: gate_up_proj [E, 2I, H] (gate rows, then up
+    # rows) and down_proj [E, H, I] per layer, split here into the per-expert weights
+    fused_keys = {f"{arch.layers_path}.{layer}.{arch.moe_attr}.{arch.experts_attr}.{name}": (layer, name)
+                  for layer in skeleton.moe_blocks for name in ("gate_up_proj", "down_proj")}
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     derived = set(buffers) - set(model.state_dict())  # non-persistent (rotary tables): computed, never loaded
@@ -173,6 +177,10 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
             with handle as f:
                 for name in names:
                     where = f"{file.name}: {name}"
+                    if name in fused_keys:
+                        _load_fused(experts, *fused_keys[name], f.get_tensor(name).to(dtype), where)
+                        loaded.add(name)
+                        continue
                     if name in expert_keys:
                         if name not in in_place:
                             experts.load(*expert_keys[name], f.get_tensor(name).to(dtype), where)
@@ -315,6 +323,21 @@ class ExpertLoading:
                 block.cpu_experts.backend.finalize()
                 block.cpu_experts.backend.prepare()
                 self._packed.add(layer)
+
+
+def _load_fused(experts: ExpertLoading, layer: int, name: str, tensor: torch.Tensor, where: str) -> None:
+    """One layer's fused expert tensor (transformers 5's layout) loaded expert by expert."""
+    if tensor.dim() != 3:
+        raise KTChatError(f"{where}: a fused expert tensor must be 3-D [experts, out, in], got {list(tensor.shape)}")
+    if name == "gate_up_proj":
+        if tensor.shape[1] % 2:
+            raise KTChatError(f"{where}: gate_up_proj rows {tensor.shape[1]} are not gate and up rows of one size")
+        parts = dict(zip(("gate", "up"), tensor.chunk(2, dim=1)))
+    else:
+        parts = {"down": tensor}
+    for proj, part in parts.items():
+        for e in range(part.shape[0]):
+            experts.load(layer, e, proj, part[e].contiguous(), f"{where}[{e}]")
 
 
 def _layers_of(names: list[str]) -> str:

@@ -212,6 +212,11 @@ ARCHS: dict[str, MoEArch] = {
     "qwen2_moe": MoEArch("qwen2_moe", shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
                          **_QWEN),
     "qwen3_moe": MoEArch("qwen3_moe", **_QWEN),
+    # Qwen3.5-MoE's text model (transformers 5 only): Qwen3_5MoeTopKRouter always renormalises the top-k softmax
+    # (its config has no norm_topk_prob); the shared expert sits behind a sigmoid gate as in Qwen2-MoE
+    "qwen3_5_moe_text": MoEArch("qwen3_5_moe_text", _softmax_topk(None), num_experts_attr="num_experts",
+                                top_k_attr="num_experts_per_tok", moe_intermediate_attr="moe_intermediate_size",
+                                shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate"),
     "mixtral": MoEArch("mixtral", _softmax_topk(None), num_experts_attr="num_local_experts",
                        top_k_attr="num_experts_per_tok", moe_intermediate_attr="intermediate_size",
                        moe_attr="block_sparse_moe", moe_attr_aliases=("mlp",), tuple_output_v4=True,

@@ -194,6 +194,8 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, fami
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (reason := family.unavailable()) is not None:
+        raise RuntimeError(f"cannot build the tiny {family.name}: {reason}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     examples = training_examples(tok)
