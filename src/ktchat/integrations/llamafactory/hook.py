@@ -21,11 +21,13 @@ ktchat's config until use_kt is seen.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 from ...config import ALIASES, IGNORED_KEYS, KT_SERVED_BACKENDS, ModelArgs
@@ -242,6 +244,7 @@ def load_through_ktchat(settings, tokenizer, model_args, finetuning_args, is_tra
         raise KTChatError("use_kt: quantization_bit is not supported; kt_method: int8 or int4 quantizes the "
                           "routed experts on the CPU")
     model, _ = load_model(model_args.model_name_or_path, settings.adapter_name_or_path, **settings.load_kwargs())
+    atexit.register(_finish_generation)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise KTChatError(f"use_kt: the tokenizer has {len(tokenizer)} tokens after LLaMA-Factory's template added "
@@ -249,6 +252,17 @@ def load_through_ktchat(settings, tokenizer, model_args, finetuning_args, is_tra
                           "was trained with")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _finish_generation(timeout: float = 30.0) -> None:
+    """At exit, lets LLaMA-Factory's streaming threads (daemons running `model.generate`) end their last step.
+
+    The REPL may exit while that thread is still returning from its last forward; finalization then ends it
+    inside C++ frames (kt_kernel's, torch's), which aborts the process ("terminate called without an active
+    exception", 1 exit in 5 of `llamafactory-cli chat` on the exact kernels)."""
+    for thread in threading.enumerate():
+        if thread.daemon and thread.name.endswith("(generate)") and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 def _setup_logging() -> None:
