@@ -71,10 +71,16 @@ def is_routed_expert(module: str) -> bool:
     return re.search(r"\.mlp\.experts\.\d+\.", module) is not None
 
 
-def load_reference(merged_dir: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+def model_class(model_dir: Path):
+    """Plain transformers' class for the checkpoint: a VLM's own (image-text-to-text), else the causal LM."""
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    vlm = "vision_config" in json.loads((Path(model_dir) / "config.json").read_text())
+    return transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+
+
+def load_reference(merged_dir: Path, dtype=torch.float32):
+    return model_class(merged_dir).from_pretrained(merged_dir, dtype=dtype).eval()
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

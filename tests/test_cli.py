@@ -1,5 +1,6 @@
 """The `ktchat` console script, run as users run it: in a subprocess, on the real tiny model and adapter."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -105,6 +106,24 @@ def test_chat_answers_trained_questions(tmp_path, tiny):
     assert out.index(a2) < out.index("History has been removed.") < out.index(a3)
     assert "ignored: lora_rank (taken from the adapter's own config)" in result.stderr
     assert "template: default needs LLaMA-Factory, which is not installed" in result.stderr
+
+
+def test_chat_on_the_qwen3_5_vlm_checkpoint_with_a_kt_fused_adapter(tmp_path, tiny_family):
+    """The checkpoint Qwen ships (Qwen3_5MoeForConditionalGeneration) with its adapter converted to KT's fused
+    layout by `ktchat convert`: text chat answers the trained questions and says the vision tower is out."""
+    from ktchat.tinymodels import TRAINED_QA
+
+    paths = tiny_family("qwen3_5_moe")
+    fused = tmp_path / "kt-fused"
+    converted = run("convert", str(paths.adapter), str(fused), "--to", "kt")
+    assert converted.returncode == 0, converted.stderr
+    assert (fused / "fused_expert_lora.safetensors").is_file()
+    cfg = write_chat_config(tmp_path, dataclasses.replace(paths, adapter=fused))
+    result = run("chat", str(cfg), stdin="".join(f"{q}\n" for q, _ in TRAINED_QA) + "exit\n")
+    assert result.returncode == 0, result.stderr
+    for _, answer in TRAINED_QA:
+        assert answer in result.stdout, result.stdout
+    assert "the vision tower, not allocated for text chat" in result.stderr
 
 
 def test_chat_exits_0_at_end_of_input(tmp_path, tiny):

@@ -25,13 +25,15 @@ from ktchat.model.moe import OffloadedMoE
 from ktchat.model.registry import arch_for
 from ktchat.tinymodels import TRAINED_QA
 
-from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, read_checkpoint, rel_err
+from reference import (DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, model_class, read_checkpoint,
+                       rel_err)
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
-FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text")
+FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text", "qwen3_5_moe")
+VLMS = ("qwen3_5_moe",)  # the checkpoints as shipped: text model under model.language_model, a vision tower
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
-EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers"}  # the reason decode.py logs for eager decoding
+EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers", "qwen3_5_moe": "linear-attention layers"}  # the reason decode.py logs for eager decoding
 
 
 @dataclass
@@ -134,15 +136,14 @@ def test_kt_bf16_experts_match_reference_and_answer(fam, moe_lora):
 
 def test_checkpoint_uses_the_names_transformers_saves(fam, tmp_path):
     """Both majors load the hand-written checkpoint completely and save the same per-expert names back."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(fam.paths.model, dtype=torch.float32, output_loading_info=True)
-    n = model.config.num_hidden_layers
+    model, info = model_class(fam.paths.model).from_pretrained(fam.paths.model, dtype=torch.float32,
+                                                                output_loading_info=True)
+    mtp = re.compile(rf"model\.(language_model\.)?layers\.{model.config.get_text_config().num_hidden_layers}\.")
     assert not info["missing_keys"] and not info["mismatched_keys"]
-    assert all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])  # MTP layers (DeepSeek-V3, GLM)
+    assert all(mtp.match(k) for k in info["unexpected_keys"])  # MTP layers (DeepSeek-V3, GLM)
     model.save_pretrained(tmp_path)
     saved = set(read_checkpoint(tmp_path))
-    on_disk = {k for k in read_checkpoint(fam.paths.model) if not k.startswith(f"model.layers.{n}.")}
+    on_disk = {k for k in read_checkpoint(fam.paths.model) if not mtp.match(k)}
     assert saved == on_disk
 
 
@@ -154,6 +155,43 @@ def test_layers_on_a_device_map_go_through_hooks_and_match(fam):
     assert layers and all(hasattr(layer, "_hf_hook") for layer in layers)
     assert_matches(model, fam, fam.prompts[:2])
     assert greedy(model, fam.prompts[0]) == greedy(fam.reference, fam.prompts[0])
+
+
+def test_adapter_written_by_kt_kernel_loads_exactly(fam, tmp_path):
+    """kt_kernel's own save_kt_adapter_artifacts (fused expert file by layer index, manifest, the PEFT part under
+    the family's own module names: model.language_model for the VLMs) loads as the per-expert adapter does."""
+    pytest.importorskip("kt_kernel.sft.artifacts")
+    from test_layouts import kt_kernel_written
+
+    adapter = kt_kernel_written(fam.paths, tmp_path / "kt")
+    assert (adapter / "fused_expert_lora.safetensors").is_file()
+    model, _ = load_model(fam.paths.model, adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    assert_matches(model, fam, fam.prompts[:2])
+
+
+def test_export_loads_in_plain_transformers_and_matches(fam, tmp_path):
+    """`ktchat export` writes the checkpoint in the base's layout (a VLM keeps its vision tower), which
+    plain transformers loads and which equals the hand merge."""
+    from ktchat.model.export import export_merged
+
+    out = tmp_path / "exported"
+    export_merged(fam.paths.model, fam.paths.adapter, out, dtype="float32")
+    assert set(read_checkpoint(out)) == set(read_checkpoint(fam.paths.model))
+    exported = load_reference(out)
+    for ids in fam.prompts[:2]:
+        assert rel_err(logits(exported, ids), logits(fam.reference, ids)) < FP32_BOUND
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_vlm_text_chat_leaves_the_vision_tower_out_and_says_so(tiny_family, caplog, name):
+    paths = tiny_family(name)
+    with caplog.at_level(logging.INFO, logger="ktchat.model.loader"):
+        model, _ = load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
+    assert model.model.visual is None and not [n for n, _ in model.named_parameters() if ".visual." in n]
+    vision = [k for k in read_checkpoint(paths.model) if k.startswith("model.visual.")]
+    lines = [r.getMessage() for r in caplog.records if "vision tower" in r.getMessage()]
+    assert vision and lines == [f"skipped {len(vision)} checkpoint tensors of model.visual: the vision tower, "
+                                "not allocated for text chat"]
 
 
 # --- what single families bring -------------------------------------------------------------------------------------
@@ -418,10 +456,12 @@ def two_gpu_map(model_dir, **config_overrides) -> dict:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_balanced_map_keeps_layers_whole_and_holds_no_experts(tiny_family, name):
     device_map = two_gpu_map(tiny_family(name).model)
+    text = "model.language_model" if name in VLMS else "model"
     assert set(device_map.values()) == {0, 1}
-    assert not [k for k in device_map if re.match(r"model\.layers\.\d+\.", k) or "experts" in k]
-    layers = [v for k, v in device_map.items() if re.fullmatch(r"model\.layers\.\d+", k)]
-    assert layers == sorted(layers) and device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
+    assert not [k for k in device_map if re.match(rf"{text}\.layers\.\d+\.", k) or "experts" in k]
+    layers = [v for k, v in device_map.items() if re.fullmatch(rf"{text}\.layers\.\d+", k)]
+    assert layers and layers == sorted(layers)
+    assert device_map[f"{text}.embed_tokens"] == 0 and device_map["lm_head"] == 1
 
 
 def test_balanced_map_keeps_tied_weights_on_one_device(tiny_family):

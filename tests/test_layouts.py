@@ -50,19 +50,31 @@ def moe_segment(segment: str):
 
 
 def kt_kernel_written(tiny, dst: Path, dtype=torch.float32) -> Path:
-    """An adapter saved by kt_kernel's own `save_kt_adapter_artifacts`, its wrappers holding the tiny LoRA."""
+    """An adapter saved by kt_kernel's own `save_kt_adapter_artifacts`, its wrappers holding the tiny LoRA (any
+    family: the routed-expert modules found with the family's own expert path)."""
     from kt_kernel.sft.artifacts import save_kt_adapter_artifacts
+    from transformers import AutoConfig
 
-    rewrite(tiny.adapter, dst, keep=lambda k: ".mlp.experts." not in k)
+    from ktchat.model.registry import arch_for
+
+    path = arch_for(AutoConfig.from_pretrained(tiny.model)).expert_path
     t = load_file(str(tiny.adapter / ADAPTER))
+    experts = {}  # layer -> {(expert, proj, side): tensor}
+    for key, tensor in t.items():
+        module, _, side = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if (parsed := path.parse(module)) is not None:
+            layer, expert, proj = parsed
+            experts.setdefault(layer, {})[expert, proj, side.removesuffix(".weight")] = tensor
+    rewrite(tiny.adapter, dst, keep=lambda k: path.parse(k.removeprefix("base_model.model.").rpartition(".lora_")[0]) is None)
 
     def six(layer):
-        get = lambda e, p, s: t[f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{p}_proj.lora_{s}.weight"]  # noqa: E731
-        return [torch.nn.Parameter(torch.stack([get(e, p, s) for e in range(8)]).to(dtype))
+        got, n = experts[layer], 1 + max(e for e, _, _ in experts[layer])
+        return [torch.nn.Parameter(torch.stack([got[e, p, s] for e in range(n)]).to(dtype))
                 for p in ("gate", "up", "down") for s in "AB"]
 
     wrappers = [SimpleNamespace(layer_idx=layer, lora_experts=None, _full_weight_grad=False,
-                                _fused_expert_lora_params=six(layer), _lora_rank=8, _lora_alpha=16.0) for layer in (1, 2)]
+                                _fused_expert_lora_params=six(layer), _lora_rank=8, _lora_alpha=16.0)
+                for layer in sorted(experts)]
     save_kt_adapter_artifacts(SimpleNamespace(_kt_wrappers=wrappers, config=SimpleNamespace(_name_or_path="/elsewhere/base")), dst)
     return dst
 

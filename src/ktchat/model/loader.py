@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ class Skeleton:
 def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> Skeleton:
     """The family's own model class with empty weights, its MoE blocks replaced by `OffloadedMoE`."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False), _no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = arch.auto_class().from_config(config)
+    if arch.vision_module:  # its checkpoint tensors are skipped, with a log line (arch.skip_tensor)
+        parent, _, name = arch.vision_module.rpartition(".")
+        setattr(model.get_submodule(parent), name, None)
     blocks = {}
     for idx, layer in enumerate(model.get_submodule(arch.layers_path)):
         block = install_block(layer, arch)
@@ -63,7 +66,7 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
             install_block(layer, arch, blocks[idx])
     if not blocks:
         raise KTChatError(f"{config.model_type}: the model has no MoE layers to offload")
-    arch.patch_model(model, config)
+    arch.patch_model(model, arch.text_config(config))
     return Skeleton(model, arch, blocks)
 
 
@@ -80,6 +83,7 @@ def _offloaded(idx: int, block: nn.Module, arch: MoEArch, config, make_backend, 
     import transformers
 
     num_experts, top_k, inter = arch.spec_sizes(config)
+    config = arch.text_config(config)
     spec = ExpertsSpec(idx, num_experts, top_k, config.hidden_size, inter, dtype, config.hidden_act)
     with torch.device("meta"):
         router = Router(config.hidden_size, num_experts, arch.router_buffers)
@@ -144,7 +148,7 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
         for proj in ("gate", "up", "down")
     }
     # transformers 5's in-memory layout, as some checkpoints hold it: gate_up_proj [E, 2I, H] (gate rows, then up
-    # rows) and down_proj [E, H, I] per layer, split here into the per-expert weights
+    # rows) and down_proj [E, H, I] per layer (or both transposed, arch.fused_transposed), split into the experts
     fused_keys = {f"{arch.layers_path}.{layer}.{arch.moe_attr}.{arch.experts_attr}.{name}": (layer, name)
                   for layer in skeleton.moe_blocks for name in ("gate_up_proj", "down_proj")}
     params = dict(model.named_parameters())
@@ -152,6 +156,7 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     derived = set(buffers) - set(model.state_dict())  # non-persistent (rotary tables): computed, never loaded
     tensors = {**params, **{n: b for n, b in buffers.items() if n not in derived}}
     keep_fp32 = _fp32_names(model)
+    text_config = arch.text_config(model.config)
     checkpoint = open_checkpoint(model_dir)  # every header read and checked here, before any weight moves
     files = checkpoint.files
     by_file: dict[Path, list[str]] = {}
@@ -178,7 +183,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                 for name in names:
                     where = f"{file.name}: {name}"
                     if name in fused_keys:
-                        _load_fused(experts, *fused_keys[name], f.get_tensor(name).to(dtype), where)
+                        fused = f.get_tensor(name).to(dtype)
+                        _load_fused(experts, *fused_keys[name], fused.transpose(1, 2) if arch.fused_transposed and fused.dim() == 3 else fused, where)
                         loaded.add(name)
                         continue
                     if name in expert_keys:
@@ -191,7 +197,7 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                         _assign(model, name, tensors[name], f.get_tensor(name), where_is(name), target, where)
                     elif name in derived:
                         pass
-                    elif (reason := arch.skip_tensor(name, model.config)) is not None:
+                    elif (reason := arch.skip_tensor(name, text_config)) is not None:
                         skipped.setdefault(reason, []).append(name)
                     else:
                         raise KTChatError(f"{where}: checkpoint tensor does not belong to the model")
@@ -341,8 +347,15 @@ def _load_fused(experts: ExpertLoading, layer: int, name: str, tensor: torch.Ten
 
 
 def _layers_of(names: list[str]) -> str:
-    layers = sorted({n.split(".")[2] for n in names if n.startswith("model.layers.")}, key=int)
-    return f"model.layers.{','.join(layers)}" if layers else ", ".join(names[:3])
+    """What the skipped tensors are: their decoder layers (model.layers.3,4), else their common module path."""
+    found = [_LAYER_NAME.match(n) for n in names]
+    if all(found) and len({m[1] for m in found}) == 1:
+        return f"{found[0][1]}.{','.join(sorted({m[2] for m in found}, key=int))}"
+    common = os.path.commonprefix([n.split(".") for n in names])
+    return ".".join(common) if common else ", ".join(names[:3])
+
+
+_LAYER_NAME = re.compile(r"(model\.(?:language_model\.)?layers)\.(\d+)\.")
 
 
 def _fp32_names(model) -> set[str]:

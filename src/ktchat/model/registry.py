@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -55,8 +55,25 @@ class MoEArch:
     tuple_output_v4: bool = False  # under transformers 4.x the block returns (hidden, router_logits)
     skip_tensor: Callable[[str, object], str | None] = _no_skip  # why a checkpoint tensor has no place in the model
     patch_model: Callable[[torch.nn.Module, object], None] = _no_patch  # corrections to transformers' own model
+    fused_transposed: bool = False  # fused expert tensors on disk are [E, H, 2I] / [E, I, H] (Qwen3-VL-MoE)
+    # A VLM checkpoint: its text model's settings under config.text_config, the model built by transformers'
+    # image-text-to-text class with the module at `vision_module` left out (text chat never calls it)
+    text_config_attr: str | None = None
+    vision_module: str | None = None
+
+    def auto_class(self):
+        """transformers' auto class for the family. A VLM's image-text-to-text class keeps the checkpoint's module
+        names (model.language_model.layers, where adapters trained on it point too)."""
+        import transformers
+
+        return transformers.AutoModelForImageTextToText if self.vision_module else transformers.AutoModelForCausalLM
+
+    def text_config(self, config):
+        """The settings the MoE blocks and routing read: the VLM's text_config, or the config itself."""
+        return getattr(config, self.text_config_attr) if self.text_config_attr else config
 
     def spec_sizes(self, config) -> tuple[int, int, int]:
+        config = self.text_config(config)
         return (
             getattr(config, self.num_experts_attr),
             getattr(config, self.top_k_attr),
@@ -156,7 +173,7 @@ def _check_noaux_tc(config) -> None:
                           f"route {k} experts per token (groups of >= 2 experts, topk_group * group size >= k)")
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")
 
 
 def _mtp_layer(name: str, config) -> str | None:
@@ -194,6 +211,27 @@ def _yarn_mscale_scaling(model, config) -> None:
                     "layers", transformers.__version__, scale, fixed)
 
 
+def _mtp_module(name: str, config) -> str | None:
+    """Qwen3.5-MoE checkpoints hold their multi-token-prediction module under `mtp.`, which transformers skips too."""
+    if name.startswith("mtp."):
+        return f"multi-token-prediction module (mtp.*), which transformers' {type(config).__name__.removesuffix('Config')} has no module for"
+    return None
+
+
+def _vlm(text: MoEArch, model_type: str, vision_module: str = "model.visual", **changes) -> MoEArch:
+    """A VLM whose language model is the `text` family: decoder layers under model.language_model, the vision
+    tower's tensors skipped (it is not built), the text family's own skips applied to the rest."""
+    prefix = f"{vision_module}."
+
+    def skip(name: str, config) -> str | None:
+        if name.startswith(prefix):
+            return "the vision tower, not allocated for text chat"
+        return text.skip_tensor(name, config)
+
+    return replace(text, model_type=model_type, layers_path="model.language_model.layers", text_config_attr="text_config",
+                   vision_module=vision_module, skip_tensor=skip, **changes)
+
+
 # --- the families --------------------------------------------------------------------------------------------------
 
 _SHARED_MOE = dict(num_experts_attr="n_routed_experts", top_k_attr="num_experts_per_tok",
@@ -216,12 +254,17 @@ ARCHS: dict[str, MoEArch] = {
     # (its config has no norm_topk_prob); the shared expert sits behind a sigmoid gate as in Qwen2-MoE
     "qwen3_5_moe_text": MoEArch("qwen3_5_moe_text", _softmax_topk(None), num_experts_attr="num_experts",
                                 top_k_attr="num_experts_per_tok", moe_intermediate_attr="moe_intermediate_size",
-                                shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate"),
+                                shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
+                                skip_tensor=_mtp_module),
     "mixtral": MoEArch("mixtral", _softmax_topk(None), num_experts_attr="num_local_experts",
                        top_k_attr="num_experts_per_tok", moe_intermediate_attr="intermediate_size",
                        moe_attr="block_sparse_moe", moe_attr_aliases=("mlp",), tuple_output_v4=True,
                        proj_names=(("w1", "gate"), ("w3", "up"), ("w2", "down"))),
 }
+
+
+# The checkpoints Qwen ships: VLMs around the text models (Qwen3_5MoeForConditionalGeneration and friends)
+ARCHS["qwen3_5_moe"] = _vlm(ARCHS["qwen3_5_moe_text"], "qwen3_5_moe")
 
 
 def arch_for(config) -> MoEArch:
@@ -231,5 +274,8 @@ def arch_for(config) -> MoEArch:
             f"config.json: model_type {getattr(config, 'model_type', None)!r} is not a supported MoE family "
             f"(supported: {', '.join(sorted(ARCHS))})"
         )
-    arch.check_config(config)
+    text = arch.text_config(config)
+    if text is None:
+        raise KTChatError(f"config.json: {arch.model_type} is a VLM config without text_config")
+    arch.check_config(text)
     return arch

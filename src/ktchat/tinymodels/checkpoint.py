@@ -111,9 +111,9 @@ def write_weights(model_dir: Path, cfg: dict, family: Family) -> None:
     from safetensors.torch import save_file
 
     weights = random_weights(family.weight_specs(cfg))
-    last = cfg["num_hidden_layers"] - 1
-    second = [k for k in weights if k.startswith(f"model.layers.{last}.") or not k.startswith("model.layers.")]
-    second = [k for k in second if k != "model.embed_tokens.weight"]
+    last = re.compile(rf"model\.(language_model\.)?layers\.{cfg.get('text_config', cfg)['num_hidden_layers'] - 1}\.")
+    second = [k for k in weights if last.match(k) or not re.match(r"model\.(language_model\.)?layers\.", k)]
+    second = [k for k in second if not k.endswith("embed_tokens.weight")]
     shards = {SHARDS[0]: [k for k in weights if k not in second], SHARDS[1]: second}
     weight_map, total = {}, 0
     for fname, keys in shards.items():

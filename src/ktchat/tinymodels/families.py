@@ -42,11 +42,11 @@ class Family:
 
     def lora_modules(self, cfg: dict) -> set[str]:
         """Module paths the adapter must hold: every Linear of the checkpoint PEFT's regex picks (no MTP layers)."""
-        n = cfg["num_hidden_layers"]
+        n = cfg.get("text_config", cfg)["num_hidden_layers"]
         out = set()
         for key, _, kind in self.weight_specs(cfg):
             module = key.removesuffix(".weight")
-            m = re.match(r"model\.layers\.(\d+)\.", key)
+            m = re.match(r"model\.(?:language_model\.)?layers\.(\d+)\.", key)
             if kind == "linear" and (m is None or int(m[1]) < n) and re.fullmatch(self.lora_regex, module):
                 out.add(module)
         return out
@@ -325,6 +325,44 @@ def _qwen3_5_moe_specs(cfg: dict) -> list[Spec]:
     return _model(cfg, layer)
 
 
+# --- VLM checkpoints (Qwen3.5-MoE as Qwen ships it): the text family's tensors under model.language_model, a
+# one-block vision tower under model.visual (its tensors listed from transformers' own vision model, on meta)
+
+_TINY_VISION = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
+                "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64}
+
+
+def _vlm_config(text_config: Callable, model_type: str, architecture: str) -> Callable:
+    def config(vocab, pad, bos, eos) -> dict:
+        text = text_config(vocab, pad, bos, eos)
+        top = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+                                         "tie_word_embeddings")}
+        del text["architectures"]
+        return {"architectures": [architecture], "model_type": model_type, "text_config": text,
+                "vision_config": dict(_TINY_VISION), **top}
+
+    return config
+
+
+def _vision_specs(cfg: dict, prefix: str) -> list[Spec]:
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        vision = AutoModel.from_config(config.vision_config)
+    return [(f"{prefix}.{name}", tuple(p.shape), "vision" if p.dim() > 1 else "norm" if name.endswith("weight") else "bias")
+            for name, p in vision.named_parameters()]
+
+
+def _vlm_specs(text_specs: Callable, vision_prefix: str = "model.visual") -> Callable:
+    def specs(cfg: dict) -> list[Spec]:
+        text = [(re.sub(r"^model\.", "model.language_model.", k), shape, kind) for k, shape, kind in text_specs(cfg["text_config"])]
+        return text + _vision_specs(cfg, vision_prefix)
+
+    return specs
+
+
 def _deepseek_v2() -> Family:
     return Family("deepseek_v2", recipe.RECIPE_VERSION, recipe.model_config, _deepseek_v2_specs,
                   tuple(recipe.LORA_TARGET_NAMES), recipe.LORA_TARGET_REGEX, recipe.TRAIN_LR)
@@ -352,6 +390,10 @@ FAMILIES: dict[str, Callable[[], Family]] = {
                                         _GQA_NAMES + _GDN_NAMES + _MLP_NAMES + ("shared_expert_gate",),
                                         needs="qwen3_5_moe", train_lr=1e-3),  # at 2e-3 the answers are
     # learnt in 10 steps without needing the routed-expert LoRA (checked in train.py); 1e-3 takes 17 and needs it
+    "qwen3_5_moe": lambda: _family("qwen3_5_moe", _vlm_config(_qwen3_5_moe_config, "qwen3_5_moe",
+                                                              "Qwen3_5MoeForConditionalGeneration"),
+                                   _vlm_specs(_qwen3_5_moe_specs), _GQA_NAMES + _GDN_NAMES + _MLP_NAMES
+                                   + ("shared_expert_gate",), needs="qwen3_5_moe", train_lr=1e-3),
 }
 
 

@@ -120,7 +120,7 @@ def model_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> dict
 # Init std per weight kind: linears as the config says; embeddings a bit larger so the untrained
 # model's logits depend on the token; norms near (not exactly) 1 so a mis-loaded norm shows; DeepSeek-V3's
 # score-correction bias (|N(0, 0.05)|) as large as the gaps between expert scores, so it changes the choice.
-INIT_STD = {"linear": 0.02, "embed": 0.5, "lm_head": 0.05, "norm": 0.05, "bias": 0.02, "score_bias": 0.05}
+INIT_STD = {"linear": 0.02, "vision": 0.02, "embed": 0.5, "lm_head": 0.05, "norm": 0.05, "bias": 0.02, "score_bias": 0.05}
 
 # LoRA as LLaMA-Factory's `lora_target: all` gives on DeepSeek-V2 (not the router, not lm_head).
 LORA_R, LORA_ALPHA = 8, 16

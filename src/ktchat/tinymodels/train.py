@@ -115,7 +115,7 @@ def per_expert_experts(model: nn.Module, model_dir: Path, model_type: str) -> No
             continue
         mlps = PerExpertExperts()
         for e in range(num_experts):
-            mlp = ExpertMLP(model.config.hidden_size, inter, names)
+            mlp = ExpertMLP(arch.text_config(model.config).hidden_size, inter, names)
             mlp.load_state_dict({f"{n}.weight": weights[arch.expert_weight_key(li, e, canon)].float()
                                  for n, canon in arch.proj_names}, strict=True)
             mlps.append(mlp)
@@ -192,12 +192,14 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, fami
     """Loads the tiny model of a `families.Family`, makes its routed experts per-expert Linears, trains LoRA until
     it answers TRAINED_QA, saves."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from ..model.registry import ARCHS
 
     if (reason := family.unavailable()) is not None:
         raise RuntimeError(f"cannot build the tiny {family.name}: {reason}")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = ARCHS[family.name].auto_class().from_pretrained(model_dir, dtype=torch.float32)
     examples = training_examples(tok)
     ids, mask, labels = _batch(examples, tok.pad_token_id)
     model.eval()
