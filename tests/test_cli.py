@@ -123,7 +123,7 @@ def test_chat_on_the_qwen3_5_vlm_checkpoint_with_a_kt_fused_adapter(tmp_path, ti
     assert result.returncode == 0, result.stderr
     for _, answer in TRAINED_QA:
         assert answer in result.stdout, result.stdout
-    assert "the vision tower, not allocated for text chat" in result.stderr
+    assert "vision modules, not allocated for text chat" in result.stderr
 
 
 def test_chat_exits_0_at_end_of_input(tmp_path, tiny):

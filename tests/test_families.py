@@ -20,6 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from ktchat import load_model
+from ktchat.adapter import read_adapter
 from ktchat.model import offloaded_blocks
 from ktchat.model.moe import OffloadedMoE
 from ktchat.model.registry import arch_for
@@ -29,11 +30,13 @@ from reference import (DEVICE, chat_prompt_ids, greedy, load_reference, logits, 
                        rel_err)
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
-FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text", "qwen3_5_moe")
-VLMS = ("qwen3_5_moe",)  # the checkpoints as shipped: text model under model.language_model, a vision tower
+FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text", "qwen3_5_moe",
+            "deepseek_v32", "kimi_k25")
+VLMS = ("qwen3_5_moe", "kimi_k25")  # the checkpoints as shipped: text model under model.language_model, a vision tower
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
-EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers", "qwen3_5_moe": "linear-attention layers"}  # the reason decode.py logs for eager decoding
+EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers", "qwen3_5_moe": "linear-attention layers",
+                "deepseek_v32": "non-KV layers (StaticIndexedLayer)"}  # the reason decode.py logs for eager decoding
 
 
 @dataclass
@@ -187,11 +190,15 @@ def test_vlm_text_chat_leaves_the_vision_tower_out_and_says_so(tiny_family, capl
     paths = tiny_family(name)
     with caplog.at_level(logging.INFO, logger="ktchat.model.loader"):
         model, _ = load_model(paths.model, experts_backend="torch", dtype="float32", device=DEVICE)
-    assert model.model.visual is None and not [n for n, _ in model.named_parameters() if ".visual." in n]
-    vision = [k for k in read_checkpoint(paths.model) if k.startswith("model.visual.")]
-    lines = [r.getMessage() for r in caplog.records if "vision tower" in r.getMessage()]
-    assert vision and lines == [f"skipped {len(vision)} checkpoint tensors of model.visual: the vision tower, "
-                                "not allocated for text chat"]
+    arch = arch_for(model.config)
+    for module in arch.vision_modules:
+        parent, _, attr = module.rpartition(".")
+        assert getattr(model.get_submodule(parent), attr) is None
+    assert not [n for n, _ in model.named_parameters() if not n.startswith(("model.language_model.", "lm_head."))]
+    vision = [k for k in read_checkpoint(paths.model) if k.startswith(arch.vision_modules)]
+    lines = [r.getMessage() for r in caplog.records if "vision modules" in r.getMessage()]
+    assert vision and lines == [f"skipped {len(vision)} checkpoint tensors of {', '.join(sorted(arch.vision_modules))}: "
+                                "vision modules, not allocated for text chat"]
 
 
 # --- what single families bring -------------------------------------------------------------------------------------
@@ -287,6 +294,65 @@ def test_fused_expert_checkpoint_loads_like_per_expert_keys(tiny_family, tmp_pat
     reference = merged(paths, "merged-all")
     for ids in chat_prompt_ids(tok):
         assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+
+
+def _renamed_checkpoint(model_dir, out, rename, config=lambda c: c):
+    """A copy of the tiny checkpoint with its keys renamed (and its config.json rewritten)."""
+    shutil.copytree(model_dir, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        save_file({rename(k): v for k, v in load_file(str(out / shard)).items()}, str(out / shard), metadata={"format": "pt"})
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "config.json").write_text(json.dumps(config(json.loads((out / "config.json").read_text()))))
+    return out
+
+
+def _kimi_k25_shipped(key: str) -> str:
+    """transformers' names -> the names of Kimi-K2.5's shipped files (its remote code's)."""
+    for module, disk in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                         ("model.vision_tower.", "vision_tower."), ("model.mm_projector.", "mm_projector.")):
+        if key.startswith(module):
+            return disk + key[len(module):]
+    return key
+
+
+def test_kimi_k25_loads_and_exports_under_its_shipped_names(tiny_family, tmp_path):
+    """language_model.model.* / language_model.lm_head / vision_tower.* / mm_projector.*: the same model as under
+    transformers' names, and export keeps the shipped names with the same merged tensors."""
+    from ktchat.model.export import export_merged
+
+    paths = tiny_family("kimi_k25")
+    shipped = _renamed_checkpoint(paths.model, tmp_path / "shipped", _kimi_k25_shipped)
+    assert any(k.startswith("language_model.model.layers.") for k in read_checkpoint(shipped))
+    model, tok = load_model(shipped, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    reference = merged(paths, "merged-all")
+    for ids in chat_prompt_ids(tok):
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+    export_merged(shipped, paths.adapter, tmp_path / "from-shipped", dtype="float32")
+    export_merged(paths.model, paths.adapter, tmp_path / "from-saved", dtype="float32")
+    got, want = read_checkpoint(tmp_path / "from-shipped"), read_checkpoint(tmp_path / "from-saved")
+    assert set(got) == {_kimi_k25_shipped(k) for k in want}
+    assert all(torch.equal(got[_kimi_k25_shipped(k)], v) for k, v in want.items())
+
+
+def test_kimi_k2_remote_code_config_runs_on_native_deepseek_v3(tiny_family, tmp_path, caplog):
+    """Kimi-K2's config.json (model_type kimi_k2, auto_map to its own DeepseekV3Config copy): no remote code runs,
+    the DeepSeek-V3 model does, and so does export."""
+    from ktchat.model.export import export_merged
+
+    paths = tiny_family("deepseek_v3")
+    kimi = _renamed_checkpoint(paths.model, tmp_path / "kimi", lambda k: k, lambda c: {
+        **c, "model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                                   "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}})
+    with caplog.at_level(logging.INFO, logger="ktchat.model"):
+        model, tok = load_model(kimi, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    assert "config.json: model_type 'kimi_k2' runs on transformers' native deepseek_v3" in caplog.messages
+    reference = merged(paths, "merged-all")
+    for ids in chat_prompt_ids(tok):
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+    summary = export_merged(kimi, paths.adapter, tmp_path / "exported")
+    assert summary["merged_modules"] == len(read_adapter(paths.adapter).modules)
 
 
 def test_mixtral_block_keeps_its_checkpoint_name(tiny_family):

@@ -42,6 +42,19 @@ def test_unknown_model_type_is_one_line_naming_it_and_the_supported():
         arch_for(types.SimpleNamespace(model_type="llama"))
 
 
+def test_deepseek_v4_is_refused_in_one_line_saying_why():
+    with pytest.raises(KTChatError) as info:
+        arch_for(types.SimpleNamespace(model_type="deepseek_v4"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("config.json: model_type 'deepseek_v4' is not supported: ")
+    assert "token id" in message and "clamp" in message
+
+
+def test_kimi_k2_reads_as_the_native_deepseek_v3():
+    assert arch_for(types.SimpleNamespace(model_type="kimi_k2", n_routed_experts=8, n_group=1, topk_group=1,
+                                          num_experts_per_tok=2)) is ARCHS["deepseek_v3"]
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     ({"topk_method": "noaux_tc"}, "topk_method 'noaux_tc' is not supported for deepseek_v2"),
     ({"topk_method": "group_limited_greedy", "n_routed_experts": 10, "n_group": 3}, "divisible by n_group"),

@@ -53,10 +53,10 @@ def cmd_inspect(args) -> int:
 
     experts, base = GENERIC_EXPERTS, None
     if args.model:
-        from ..model.export import CheckpointShapes, expert_path_for
+        from ..model.export import CheckpointShapes, base_naming
 
-        experts = expert_path_for(Path(args.model))
-        base = CheckpointShapes(Path(args.model), experts)
+        naming = base_naming(Path(args.model))
+        experts, base = naming.experts, CheckpointShapes(Path(args.model), naming)
     report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand)
     print(_report_json(report) if args.json else format_report(report))
     return 1 if report.problems else 0

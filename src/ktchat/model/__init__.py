@@ -159,10 +159,19 @@ def _read_config(model_dir: Path):
     ktchat replaces its MoE blocks and relies on its module names."""
     from transformers import AutoConfig
 
+    from .registry import NATIVE_MODEL_TYPES
+
+    path = model_dir / "config.json"
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise KTChatError(f"{model_dir / 'config.json'}: cannot read the model config ({_first_line(exc)})") from None
+        raw = json.loads(path.read_bytes())
+        native = NATIVE_MODEL_TYPES.get(raw.get("model_type")) if isinstance(raw, dict) else None
+        if native is None:
+            return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        logger.info("config.json: model_type %r runs on transformers' native %s", raw["model_type"], native)
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+        return AutoConfig.for_model(native, **fields)
+    except (OSError, ValueError, TypeError) as exc:
+        raise KTChatError(f"{path}: cannot read the model config ({_first_line(exc)})") from None
 
 
 def _read_generation_config(model_dir: Path):

@@ -92,14 +92,19 @@ class StaticDecode:
         size = max(total, min(limit, max(_MIN_CACHE, 1 << (total - 1).bit_length())))
         self._graph = self._output = self._signature = None
         self.cache = None
-        cache = StaticCache(config=self.model.config, max_cache_len=size)
+        try:
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+        except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
+            logger.info("static decode off: transformers' StaticCache cannot hold this model's cache (%s: %s); "
+                        "decoding is eager", type(exc).__name__, exc)
+            return False
         layers = getattr(cache, "layers", [None])
-        if any(type(layer).__name__ != "StaticLayer" for layer in layers):
+        other = sorted({type(layer).__name__ for layer in layers} - {"StaticLayer"})
+        if other:
             # the mask here is full-length, and a linear-attention layer's conv / recurrent state (Qwen3.5-MoE's
-            # Gated DeltaNet) is not a KV cache the step's mask and position describe
-            linear = any("LinearAttention" in type(layer).__name__ for layer in layers)
-            logger.info("static decode off: the cache has %s layers; decoding is eager",
-                        "linear-attention" if linear else "sliding-window")
+            # Gated DeltaNet) or an indexer's own key cache (DeepSeek-V3.2) is not what the step's mask describes
+            kind = "linear-attention" if any("LinearAttention" in n for n in other) else "non-KV"
+            logger.info("static decode off: the cache has %s layers (%s); decoding is eager", kind, ", ".join(other))
             return False
         if not _separate_value_width(type(layers[0])):
             logger.info("static decode off: this transformers' StaticCache stores values as wide as keys")

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
 from ..checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, TensorInfo, open_checkpoint,
@@ -32,28 +34,37 @@ _CHUNK = 64 << 20
 MERGE_INTO = tuple(d.name for d in BY_TORCH_NAME.values() if d.floating and not d.narrow)  # F32, BF16, F16, F64
 
 
-def expert_path_for(model_dir: Path) -> ExpertPath:
-    """The registry's expert naming for the base's model_type, else the generic DeepSeek/Qwen/Mixtral names."""
-    from .registry import ARCHS
+@dataclass(frozen=True)
+class BaseNaming:
+    """How the base checkpoint names things: its routed experts, and its keys under the model's module names (the
+    names adapters use; a shipped VLM's files may differ, e.g. Kimi-K2.5's language_model.model.*)."""
+
+    experts: ExpertPath
+    module_name: Callable[[str], str] = lambda key: key
+
+
+def base_naming(model_dir: Path) -> BaseNaming:
+    """The registry's naming for the base's model_type, else the generic DeepSeek/Qwen/Mixtral expert names."""
+    from .registry import ARCHS, NATIVE_MODEL_TYPES
 
     try:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
         raise KTChatError(f"{model_dir / 'config.json'}: cannot read the base model's config ({exc})") from None
-    arch = ARCHS.get(model_type)
-    return arch.expert_path if arch else GENERIC_EXPERTS
+    arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
+    return BaseNaming(arch.expert_path, arch.module_name) if arch else BaseNaming(GENERIC_EXPERTS)
 
 
 class CheckpointShapes:
     """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`."""
 
-    def __init__(self, model_dir: Path, experts: ExpertPath):
+    def __init__(self, model_dir: Path, naming: BaseNaming):
         checkpoint = open_checkpoint(model_dir)
         self.headers: dict[Path, Header] = checkpoint.headers
-        self.shapes = {k: list(shape) for k, shape in checkpoint.shapes().items()}
+        self.shapes = {naming.module_name(k): list(shape) for k, shape in checkpoint.shapes().items()}
         self.experts: dict[int, dict[tuple[int, str], list]] = {}
         for key, shape in self.shapes.items():
-            where = experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
+            where = naming.experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
             if where is not None:
                 self.experts.setdefault(where[0], {})[where[1:]] = shape
 
@@ -79,12 +90,12 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
     if dtype not in (None, *COMPUTE_DTYPES):
         raise KTChatError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     with staged_output(out, overwrite) as tmp:
-        experts = expert_path_for(model_dir)
+        naming = base_naming(model_dir)
         adapter = read_adapter(adapter_dir)
-        channels = split_channels(adapter, experts)
-        base = CheckpointShapes(model_dir, experts)
+        channels = split_channels(adapter, naming.experts)
+        base = CheckpointShapes(model_dir, naming)
         check_channels(adapter, channels, base)
-        merge = Merger(adapter, channels, experts)
+        merge = Merger(adapter, channels, naming)
         _check_merge_dtypes(base, merge)
         total = _write_all(base, merge, tmp, dtype)
         merge.check_all_used()
@@ -95,19 +106,20 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
 class Merger:
     """key -> merged tensor for every base weight an adapter touches; remembers what it used."""
 
-    def __init__(self, adapter, channels, experts: ExpertPath):
-        self.adapter, (self.peft, self.routed), self.experts = adapter, channels, experts
+    def __init__(self, adapter, channels, naming: BaseNaming):
+        self.adapter, (self.peft, self.routed), self.naming = adapter, channels, naming
         self.used: set = set()
         self._stacked = lru_cache(maxsize=3)(lambda key: self.routed[key].stack(_torch().float32))
 
     def target(self, key: str):
-        """The PEFT module name or routed (layer, expert, proj) the adapter merges into base tensor `key`, or None."""
-        module = key.removesuffix(".weight")
+        """The PEFT module name or routed (layer, expert, proj) the adapter merges into base tensor `key` (on-disk
+        name), or None."""
         if not key.endswith(".weight"):
             return None
+        module = self.naming.module_name(key).removesuffix(".weight")
         if module in self.peft:
             return module
-        where = self.experts.parse(module)
+        where = self.naming.experts.parse(module)
         return where if where is not None and (where[0], where[2]) in self.routed else None
 
     def lora_for(self, key: str):

@@ -55,8 +55,8 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
 
     with init_empty_weights(include_buffers=False), _no_init_weights():
         model = arch.auto_class().from_config(config)
-    if arch.vision_module:  # its checkpoint tensors are skipped, with a log line (arch.skip_tensor)
-        parent, _, name = arch.vision_module.rpartition(".")
+    for module in arch.vision_modules:  # their checkpoint tensors are skipped, with a log line (arch.skip_tensor)
+        parent, _, name = module.rpartition(".")
         setattr(model.get_submodule(parent), name, None)
     blocks = {}
     for idx, layer in enumerate(model.get_submodule(arch.layers_path)):
@@ -66,7 +66,7 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
             install_block(layer, arch, blocks[idx])
     if not blocks:
         raise KTChatError(f"{config.model_type}: the model has no MoE layers to offload")
-    arch.patch_model(model, arch.text_config(config))
+    arch.patch_model(model.get_submodule(arch.layers_path), arch.text_config(config))
     return Skeleton(model, arch, blocks)
 
 
@@ -159,6 +159,7 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     text_config = arch.text_config(model.config)
     checkpoint = open_checkpoint(model_dir)  # every header read and checked here, before any weight moves
     files = checkpoint.files
+    module_of = {name: arch.module_name(name) for name in files}  # the model's name for each on-disk key
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -169,9 +170,9 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
         in_place = set()
-        for name in sorted((n for n in files if n in expert_keys), key=expert_keys.__getitem__):
+        for name in sorted((n for n in files if module_of[n] in expert_keys), key=lambda n: expert_keys[module_of[n]]):
             header = checkpoint.headers[files[name]]
-            if experts.read_into_slot(header, name, *expert_keys[name], f"{files[name].name}: {name}"):
+            if experts.read_into_slot(header, name, *expert_keys[module_of[name]], f"{files[name].name}: {name}"):
                 in_place.add(name)
         experts.pack_after_reads()
         for file, names in by_file.items():
@@ -181,27 +182,29 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                 raise KTChatError(f"{file}: cannot read checkpoint shard ({type(exc).__name__}: {exc})") from None
             with handle as f:
                 for name in names:
-                    where = f"{file.name}: {name}"
-                    if name in fused_keys:
+                    where, key = f"{file.name}: {name}", module_of[name]
+                    if key in fused_keys:
                         fused = f.get_tensor(name).to(dtype)
-                        _load_fused(experts, *fused_keys[name], fused.transpose(1, 2) if arch.fused_transposed and fused.dim() == 3 else fused, where)
-                        loaded.add(name)
+                        if arch.fused_transposed and fused.dim() == 3:
+                            fused = fused.transpose(1, 2)
+                        _load_fused(experts, *fused_keys[key], fused, where)
+                        loaded.add(key)
                         continue
-                    if name in expert_keys:
+                    if key in expert_keys:
                         if name not in in_place:
-                            experts.load(*expert_keys[name], f.get_tensor(name).to(dtype), where)
-                        loaded.add(name)
+                            experts.load(*expert_keys[key], f.get_tensor(name).to(dtype), where)
+                        loaded.add(key)
                         continue
-                    if name in tensors:
-                        target = torch.float32 if name in keep_fp32 else dtype
-                        _assign(model, name, tensors[name], f.get_tensor(name), where_is(name), target, where)
-                    elif name in derived:
+                    if key in tensors:
+                        target = torch.float32 if key in keep_fp32 else dtype
+                        _assign(model, key, tensors[key], f.get_tensor(name), where_is(key), target, where)
+                    elif key in derived:
                         pass
-                    elif (reason := arch.skip_tensor(name, text_config)) is not None:
-                        skipped.setdefault(reason, []).append(name)
+                    elif (reason := arch.skip_tensor(key, text_config)) is not None:
+                        skipped.setdefault(reason, []).append(key)
                     else:
                         raise KTChatError(f"{where}: checkpoint tensor does not belong to the model")
-                    loaded.add(name)
+                    loaded.add(key)
                     bar.update(1)
         for reason, names in skipped.items():
             logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
@@ -352,21 +355,24 @@ def _layers_of(names: list[str]) -> str:
     if all(found) and len({m[1] for m in found}) == 1:
         return f"{found[0][1]}.{','.join(sorted({m[2] for m in found}, key=int))}"
     common = os.path.commonprefix([n.split(".") for n in names])
-    return ".".join(common) if common else ", ".join(names[:3])
+    if len(common) >= 2:
+        return ".".join(common)
+    return ", ".join(sorted({".".join(n.split(".")[:2]) for n in names}))  # e.g. a VLM's tower and projector
 
 
 _LAYER_NAME = re.compile(r"(model\.(?:language_model\.)?layers)\.(\d+)\.")
 
 
 def _fp32_names(model) -> set[str]:
-    """Tensors the family keeps in fp32 whatever the dtype: our routers' and `_keep_in_fp32_modules`."""
-    marks = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    """Tensors the family keeps in fp32 whatever the dtype: our routers' and `_keep_in_fp32_modules` (a mark is a
+    module name or a dotted path, e.g. DeepSeek-V3.2's indexer.weights_proj)."""
+    marks = [f".{m}." for m in getattr(model, "_keep_in_fp32_modules", None) or []]
     names = set()
     for mname, module in model.named_modules():
         own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
         for tname in own:
             full = f"{mname}.{tname}" if mname else tname
-            if isinstance(module, Router) or any(m in full.split(".") for m in marks):
+            if isinstance(module, Router) or any(m in f".{full}." for m in marks):
                 names.add(full)
     return names
 

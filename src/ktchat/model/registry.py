@@ -31,7 +31,7 @@ def _no_skip(name: str, config) -> str | None:
     return None
 
 
-def _no_patch(model, config) -> None:
+def _no_patch(layers, config) -> None:
     pass
 
 
@@ -54,19 +54,27 @@ class MoEArch:
     proj_names: tuple[tuple[str, str], ...] = (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))
     tuple_output_v4: bool = False  # under transformers 4.x the block returns (hidden, router_logits)
     skip_tensor: Callable[[str, object], str | None] = _no_skip  # why a checkpoint tensor has no place in the model
-    patch_model: Callable[[torch.nn.Module, object], None] = _no_patch  # corrections to transformers' own model
+    patch_model: Callable[[torch.nn.Module, object], None] = _no_patch  # corrections to transformers' own layers
     fused_transposed: bool = False  # fused expert tensors on disk are [E, H, 2I] / [E, I, H] (Qwen3-VL-MoE)
     # A VLM checkpoint: its text model's settings under config.text_config, the model built by transformers'
-    # image-text-to-text class with the module at `vision_module` left out (text chat never calls it)
+    # image-text-to-text class with the modules at `vision_modules` left out (text chat never calls them)
     text_config_attr: str | None = None
-    vision_module: str | None = None
+    vision_modules: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()  # (on-disk prefix, module prefix) where the shipped files differ
+
+    def module_name(self, key: str) -> str:
+        """A checkpoint key under the model's module names (the shipped layout renamed, else as it is)."""
+        for disk, module in self.renames:
+            if key.startswith(disk):
+                return module + key[len(disk):]
+        return key
 
     def auto_class(self):
         """transformers' auto class for the family. A VLM's image-text-to-text class keeps the checkpoint's module
         names (model.language_model.layers, where adapters trained on it point too)."""
         import transformers
 
-        return transformers.AutoModelForImageTextToText if self.vision_module else transformers.AutoModelForCausalLM
+        return transformers.AutoModelForImageTextToText if self.vision_modules else transformers.AutoModelForCausalLM
 
     def text_config(self, config):
         """The settings the MoE blocks and routing read: the VLM's text_config, or the config itself."""
@@ -187,7 +195,7 @@ def _mtp_layer(name: str, config) -> str | None:
     return None
 
 
-def _yarn_mscale_scaling(model, config) -> None:
+def _yarn_mscale_scaling(layers, config) -> None:
     """DeepSeek's YaRN scales attention logits by mscale(factor, mscale_all_dim)^2 on top of 1/sqrt(qk_head_dim).
 
     transformers 5.x (and DeepSeek's remote code) apply it; 4.57's native DeepseekV2 omits it (0.1443 instead of
@@ -200,7 +208,7 @@ def _yarn_mscale_scaling(model, config) -> None:
         mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
         scale *= mscale * mscale
     fixed = 0
-    for layer in model.get_submodule("model.layers"):
+    for layer in layers:
         attn = layer.self_attn
         if not math.isclose(attn.scaling, scale, rel_tol=1e-12):
             attn.scaling, fixed = scale, fixed + 1
@@ -218,18 +226,18 @@ def _mtp_module(name: str, config) -> str | None:
     return None
 
 
-def _vlm(text: MoEArch, model_type: str, vision_module: str = "model.visual", **changes) -> MoEArch:
+def _vlm(text: MoEArch, model_type: str, vision_modules: tuple[str, ...] = ("model.visual",), **changes) -> MoEArch:
     """A VLM whose language model is the `text` family: decoder layers under model.language_model, the vision
     tower's tensors skipped (it is not built), the text family's own skips applied to the rest."""
-    prefix = f"{vision_module}."
+    prefixes = tuple(f"{m}." for m in vision_modules)
 
     def skip(name: str, config) -> str | None:
-        if name.startswith(prefix):
-            return "the vision tower, not allocated for text chat"
+        if name.startswith(prefixes):
+            return "vision modules, not allocated for text chat"
         return text.skip_tensor(name, config)
 
     return replace(text, model_type=model_type, layers_path="model.language_model.layers", text_config_attr="text_config",
-                   vision_module=vision_module, skip_tensor=skip, **changes)
+                   vision_modules=vision_modules, skip_tensor=skip, **changes)
 
 
 # --- the families --------------------------------------------------------------------------------------------------
@@ -246,6 +254,8 @@ ARCHS: dict[str, MoEArch] = {
     "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2,
                            patch_model=_yarn_mscale_scaling, **_SHARED_MOE),
     "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
+    # DeepSeek-V3.2 (transformers 5 only): V3's MoE and routing; its attention's sparse indexer stays transformers'
+    "deepseek_v32": MoEArch("deepseek_v32", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
     "glm4_moe": MoEArch("glm4_moe", **_NOAUX_TC),
     "qwen2_moe": MoEArch("qwen2_moe", shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
                          **_QWEN),
@@ -263,17 +273,33 @@ ARCHS: dict[str, MoEArch] = {
 }
 
 
-# The checkpoints Qwen ships: VLMs around the text models (Qwen3_5MoeForConditionalGeneration and friends)
+# VLM checkpoints around the text families: Qwen3.5-MoE as Qwen ships it; Kimi-K2.5 / K2.6, whose shipped files
+# keep the remote code's names (language_model.model.*, vision_tower.*, mm_projector.*)
 ARCHS["qwen3_5_moe"] = _vlm(ARCHS["qwen3_5_moe_text"], "qwen3_5_moe")
+ARCHS["kimi_k25"] = _vlm(ARCHS["deepseek_v3"], "kimi_k25", ("model.vision_tower", "model.mm_projector"),
+                         renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                                  ("vision_tower.", "model.vision_tower."), ("mm_projector.", "model.mm_projector.")))
+
+# Remote-code model types that transformers runs natively: Kimi-K2's config.json says kimi_k2 (DeepSeek-V3's
+# architecture, auto_map to its own copy of DeepseekV3Config), which ktchat reads as the native deepseek_v3
+NATIVE_MODEL_TYPES = {"kimi_k2": "deepseek_v3"}
+
+# Families ktchat knows and refuses, with the reason (one line each)
+REFUSED = {
+    "deepseek_v4": "DeepSeek-V4 routes its first layers by token id (hash routing, a [vocab, k] table), mixes "
+                   "hyper-connection residual streams, clamps its experts' SwiGLU and keeps a compressed KV cache; "
+                   "ktchat's CPU experts take hidden states only and have no clamp, so it cannot run DeepSeek-V4's MoE",
+}
 
 
 def arch_for(config) -> MoEArch:
-    arch = ARCHS.get(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise KTChatError(f"config.json: model_type {model_type!r} is not supported: {REFUSED[model_type]}")
+    arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
     if arch is None:
-        raise KTChatError(
-            f"config.json: model_type {getattr(config, 'model_type', None)!r} is not a supported MoE family "
-            f"(supported: {', '.join(sorted(ARCHS))})"
-        )
+        raise KTChatError(f"config.json: model_type {model_type!r} is not a supported MoE family "
+                          f"(supported: {', '.join(sorted([*ARCHS, *NATIVE_MODEL_TYPES]))})")
     text = arch.text_config(config)
     if text is None:
         raise KTChatError(f"config.json: {arch.model_type} is a VLM config without text_config")

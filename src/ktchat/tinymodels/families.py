@@ -192,6 +192,29 @@ def _noaux_tc_specs(attention: Callable[[str, dict], list[Spec]]) -> Callable[[d
 _deepseek_v3_specs = _noaux_tc_specs(_mla)
 
 
+# --- DeepSeek-V3.2: V3 with a sparse-attention indexer in every attention (its own q from q_lora, one key head with a
+# LayerNorm, per-head weights); index_topk 32: the conversation and random prompts attend sparsely
+
+
+def _deepseek_v32_config(vocab, pad, bos, eos) -> dict:
+    cfg = _deepseek_v3_config(vocab, pad, bos, eos)
+    for key in ("rope_interleave", "ep_size"):
+        del cfg[key]
+    return {**cfg, "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "index_topk": 32,
+            "index_head_dim": 32, "index_n_heads": 4}
+
+
+def _mla_indexed(p: str, cfg: dict) -> list[Spec]:
+    h, ql, d, n = cfg["hidden_size"], cfg["q_lora_rank"], cfg["index_head_dim"], cfg["index_n_heads"]
+    i = f"{p}.self_attn.indexer"
+    return _mla(p, cfg) + [(f"{i}.wq_b.weight", (n * d, ql), "linear"), (f"{i}.wk.weight", (d, h), "linear"),
+                           (f"{i}.k_norm.weight", (d,), "norm"), (f"{i}.k_norm.bias", (d,), "bias"),
+                           (f"{i}.weights_proj.weight", (n, h), "linear")]
+
+
+_deepseek_v32_specs = _noaux_tc_specs(_mla_indexed)
+
+
 # --- GLM-4-MoE (GLM-4.5 / 4.6 / 4.7): GQA with q/k/v bias, q/k norms, heads of 128 (twice hidden / heads) rotated on
 # half their dims; DeepSeek-V3's routing (here over 4 groups of 2), a dense first layer, a shared expert, an MTP layer
 
@@ -325,40 +348,52 @@ def _qwen3_5_moe_specs(cfg: dict) -> list[Spec]:
     return _model(cfg, layer)
 
 
-# --- VLM checkpoints (Qwen3.5-MoE as Qwen ships it): the text family's tensors under model.language_model, a
-# one-block vision tower under model.visual (its tensors listed from transformers' own vision model, on meta)
+# --- VLM checkpoints: the text family's tensors under model.language_model, a one-block vision tower (Qwen3.5-MoE as
+# Qwen ships it; Kimi-K2.5 as transformers saves it), whose tensors are listed from transformers' own model on meta
 
-_TINY_VISION = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
-                "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64}
+_TINY_VISION = {
+    "qwen3_5_moe": {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
+                    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64},
+    "kimi_k25": {"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
+                 "pos_emb_height": 8, "pos_emb_width": 8, "pos_emb_time": 2},
+}
 
 
-def _vlm_config(text_config: Callable, model_type: str, architecture: str) -> Callable:
+def _vlm_config(text_config: Callable, model_type: str, architecture: str, text_type: str | None = None,
+                media_tokens: bool = False) -> Callable:
+    """The VLM's config.json around the text family's; `media_tokens`: image/video token ids set to the two last
+    (unused) ids of the vocab, where the family's defaults would fall inside the tiny one."""
+
     def config(vocab, pad, bos, eos) -> dict:
         text = text_config(vocab, pad, bos, eos)
-        top = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
-                                         "tie_word_embeddings")}
+        shared = {k: text.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+                                            "tie_word_embeddings")}
         del text["architectures"]
+        if text_type:
+            text["model_type"] = text_type
         return {"architectures": [architecture], "model_type": model_type, "text_config": text,
-                "vision_config": dict(_TINY_VISION), **top}
+                "vision_config": dict(_TINY_VISION[model_type]), **shared,
+                **({"image_token_id": vocab - 1, "video_token_id": vocab - 2} if media_tokens else {})}
 
     return config
 
 
-def _vision_specs(cfg: dict, prefix: str) -> list[Spec]:
+def _vision_specs(cfg: dict) -> list[Spec]:
+    """Every tensor of the VLM outside its language model and lm_head (vision tower, projector)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.for_model(**cfg)
     with torch.device("meta"):
-        vision = AutoModel.from_config(config.vision_config)
-    return [(f"{prefix}.{name}", tuple(p.shape), "vision" if p.dim() > 1 else "norm" if name.endswith("weight") else "bias")
-            for name, p in vision.named_parameters()]
+        vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**cfg))
+    return [(name, tuple(p.shape), "vision" if p.dim() > 1 else "norm" if name.endswith("weight") else "bias")
+            for name, p in vlm.named_parameters()
+            if not name.startswith("model.language_model.") and name != "lm_head.weight"]
 
 
-def _vlm_specs(text_specs: Callable, vision_prefix: str = "model.visual") -> Callable:
+def _vlm_specs(text_specs: Callable) -> Callable:
     def specs(cfg: dict) -> list[Spec]:
         text = [(re.sub(r"^model\.", "model.language_model.", k), shape, kind) for k, shape, kind in text_specs(cfg["text_config"])]
-        return text + _vision_specs(cfg, vision_prefix)
+        return text + _vision_specs(cfg)
 
     return specs
 
@@ -394,6 +429,12 @@ FAMILIES: dict[str, Callable[[], Family]] = {
                                                               "Qwen3_5MoeForConditionalGeneration"),
                                    _vlm_specs(_qwen3_5_moe_specs), _GQA_NAMES + _GDN_NAMES + _MLP_NAMES
                                    + ("shared_expert_gate",), needs="qwen3_5_moe", train_lr=1e-3),
+    "deepseek_v32": lambda: _family("deepseek_v32", _deepseek_v32_config, _deepseek_v32_specs,
+                                    _MLA_NAMES + ("wq_b", "wk", "weights_proj") + _MLP_NAMES, needs="deepseek_v32"),
+    # Kimi-K2.5's text model is DeepSeek-V3 (its text_config says kimi_k2, as the shipped one does)
+    "kimi_k25": lambda: _family("kimi_k25", _vlm_config(_deepseek_v3_config, "kimi_k25", "KimiK25ForConditionalGeneration",
+                                                        text_type="kimi_k2", media_tokens=True),
+                                _vlm_specs(_deepseek_v3_specs), _MLA_NAMES + _MLP_NAMES, needs="kimi_k25"),
 }
 
 
