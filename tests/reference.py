@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ktchat.tinymodels.checkpoint import fuse_experts, split_fused_experts
+
 from tolerances import BF16_MAX_NEAR_TIE_SHARE, BF16_NEAR_TIE_ULPS, BF16_POSITION_RATIO, ROUTER_FP32_BOUND
 
 # Where KT mode puts the non-expert weights; the GPU run sets KTCHAT_TEST_DEVICE=cuda. The reference stays on CPU.
@@ -43,7 +45,8 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and not cfg.get("use_rslora")
     scale = cfg["lora_alpha"] / cfg["r"]
-    weights = {k: v.double() for k, v in read_checkpoint(model_dir).items()}
+    stored = read_checkpoint(model_dir)
+    weights = {k: v.double() for k, v in split_fused_experts(stored).items()}  # Qwen3-VL-MoE: fused on disk
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         lora = {k: f.get_tensor(k).double() for k in f.keys()}
     modules = {_LORA.match(k).group(1) for k in lora}
@@ -55,6 +58,8 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if set(weights) != set(stored):
+        weights = fuse_experts(weights)
     save_file({k: v.float().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     for f in model_dir.iterdir():
         if f.suffix in (".json", ".jinja", ".txt") and not f.name.startswith("model.safetensors"):

@@ -31,8 +31,8 @@ from reference import (DEVICE, chat_prompt_ids, greedy, load_reference, logits, 
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
 FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text", "qwen3_5_moe",
-            "deepseek_v32", "kimi_k25")
-VLMS = ("qwen3_5_moe", "kimi_k25")  # the checkpoints as shipped: text model under model.language_model, a vision tower
+            "deepseek_v32", "kimi_k25", "qwen3_vl_moe")
+VLMS = ("qwen3_5_moe", "kimi_k25", "qwen3_vl_moe")  # the checkpoints as shipped: text model under model.language_model, a vision tower
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
 EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers", "qwen3_5_moe": "linear-attention layers",

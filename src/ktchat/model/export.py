@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,6 +42,12 @@ class BaseNaming:
 
     experts: ExpertPath
     module_name: Callable[[str], str] = lambda key: key
+    fused: re.Pattern | None = None  # fused expert tensors: groups layer, name (gate_up_proj / down_proj)
+    fused_transposed: bool = False  # stored [E, in, out] (Qwen3-VL-MoE), not transformers 5's [E, out, in]
+
+    def parse_fused(self, module_key: str) -> tuple[int, str] | None:
+        m = self.fused.fullmatch(module_key) if self.fused else None
+        return (int(m["layer"]), m["name"]) if m else None
 
 
 def base_naming(model_dir: Path) -> BaseNaming:
@@ -52,7 +59,12 @@ def base_naming(model_dir: Path) -> BaseNaming:
     except (OSError, ValueError, AttributeError) as exc:
         raise KTChatError(f"{model_dir / 'config.json'}: cannot read the base model's config ({exc})") from None
     arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
-    return BaseNaming(arch.expert_path, arch.module_name) if arch else BaseNaming(GENERIC_EXPERTS)
+    if arch is None:
+        return BaseNaming(GENERIC_EXPERTS)
+    blocks = "|".join(re.escape(b) for b in (arch.moe_attr, *arch.moe_attr_aliases))
+    fused = re.compile(rf"{re.escape(arch.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{arch.experts_attr}"
+                       rf"\.(?P<name>gate_up_proj|down_proj)")
+    return BaseNaming(arch.expert_path, arch.module_name, fused, arch.fused_transposed)
 
 
 class CheckpointShapes:
@@ -67,6 +79,12 @@ class CheckpointShapes:
             where = naming.experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
             if where is not None:
                 self.experts.setdefault(where[0], {})[where[1:]] = shape
+            elif (fused := naming.parse_fused(key)) is not None and len(shape) == 3:
+                e, out, inp = (shape[0], shape[2], shape[1]) if naming.fused_transposed else shape
+                projs = ("gate", "up") if fused[1] == "gate_up_proj" else ("down",)
+                for i in range(e):
+                    for proj in projs:
+                        self.experts.setdefault(fused[0], {})[(i, proj)] = [out // len(projs), inp]
 
     def linear(self, name: str):
         shape = self.shapes.get(f"{name}.weight")
@@ -114,6 +132,8 @@ class Merger:
     def target(self, key: str):
         """The PEFT module name or routed (layer, expert, proj) the adapter merges into base tensor `key` (on-disk
         name), or None."""
+        if (fused := self._fused(key)) is not None:
+            return fused
         if not key.endswith(".weight"):
             return None
         module = self.naming.module_name(key).removesuffix(".weight")
@@ -124,6 +144,8 @@ class Merger:
 
     def lora_for(self, key: str):
         """(A, B, scale) for base tensor `key`, or None."""
+        if self.is_fused(key):  # merged_fused does those
+            return None
         where = self.target(key)
         if where is None:
             return None
@@ -136,6 +158,28 @@ class Merger:
         s = self._stacked((layer, proj))
         self.used.add((layer, e, proj))
         return s.a[e], s.b[e], s.scale
+
+    def is_fused(self, key: str) -> bool:
+        return self._fused(key) is not None
+
+    def _fused(self, key: str) -> tuple[int, str] | None:
+        """(layer, name) for a fused expert tensor the adapter has routed LoRA for."""
+        where = self.naming.parse_fused(self.naming.module_name(key))
+        projs = ("gate", "up") if where and where[1] == "gate_up_proj" else ("down",)
+        return where if where and any((where[0], p) in self.routed for p in projs) else None
+
+    def merged_fused(self, key: str, weight):
+        """A fused expert tensor (is_fused) with every expert's LoRA merged in (fp32), in its stored layout."""
+        layer, name = self._fused(key)
+        merged = weight.float().clone()
+        w = merged.transpose(1, 2) if self.naming.fused_transposed else merged  # a view [E, out, in]
+        projs = ("gate", "up") if name == "gate_up_proj" else ("down",)
+        for proj, part in zip(projs, w.chunk(len(projs), dim=1)):
+            if (layer, proj) in self.routed:
+                s = self._stacked((layer, proj))
+                part.add_(_torch().bmm(s.b, s.a), alpha=s.scale)
+                self.used.update((layer, e, proj) for e in range(part.shape[0]))
+        return merged
 
     def check_all_used(self) -> None:
         want = set(self.peft) | {(lyr, e, p) for (lyr, p), g in self.routed.items() for e in range(g.num_experts)}
@@ -194,7 +238,9 @@ def _write_shard(header: Header, dst: Path, merge: Merger, dtype: str | None, ba
         for name, t in header.tensors.items():
             lora = merge.lora_for(name)
             stored = _stored_as(t, dtype)
-            if lora is None and stored is t.dtype:
+            if merge.is_fused(name):
+                _write_tensor(out, merge.merged_fused(name, f.get_tensor(name)).to(stored.torch))
+            elif lora is None and stored is t.dtype:
                 _copy_raw(raw, out, header.data_start + t.start, t.nbytes)
             else:
                 _write_tensor(out, _merged(f.get_tensor(name), lora, stored))

@@ -273,9 +273,12 @@ ARCHS: dict[str, MoEArch] = {
 }
 
 
-# VLM checkpoints around the text families: Qwen3.5-MoE as Qwen ships it; Kimi-K2.5 / K2.6, whose shipped files
+# VLM checkpoints around the text families: Qwen3.5-MoE and Qwen3-VL-MoE as Qwen ships them; Kimi-K2.5 / K2.6, whose shipped files
 # keep the remote code's names (language_model.model.*, vision_tower.*, mm_projector.*)
 ARCHS["qwen3_5_moe"] = _vlm(ARCHS["qwen3_5_moe_text"], "qwen3_5_moe")
+# Qwen3-VL-MoE: Qwen3-MoE's block with the top-k always renormalised; experts shipped fused and transposed
+ARCHS["qwen3_vl_moe"] = _vlm(replace(ARCHS["qwen3_moe"], route=_softmax_topk(None)), "qwen3_vl_moe",
+                             fused_transposed=True)
 ARCHS["kimi_k25"] = _vlm(ARCHS["deepseek_v3"], "kimi_k25", ("model.vision_tower", "model.mm_projector"),
                          renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
                                   ("vision_tower.", "model.vision_tower."), ("mm_projector.", "model.mm_projector.")))

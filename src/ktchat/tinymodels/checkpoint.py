@@ -105,12 +105,52 @@ def random_weights(specs: list[Spec]) -> dict:
     return out
 
 
+_PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+_FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
+
+
+def fuse_experts(weights: dict) -> dict:
+    """Per-expert weights -> Qwen3-VL-MoE's shipped layout: per block experts.gate_up_proj [E, H, 2I] (gate
+    columns, then up) and experts.down_proj [E, I, H]."""
+    import torch
+
+    out, blocks = {}, {}
+    for key, t in weights.items():
+        m = _PER_EXPERT.fullmatch(key)
+        if m is None:
+            out[key] = t
+        else:
+            blocks.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = t
+    for block, projs in blocks.items():
+        stack = lambda p: torch.stack([projs[p][e].T for e in sorted(projs[p])])  # noqa: E731
+        out[f"{block}.gate_up_proj"] = torch.cat([stack("gate"), stack("up")], dim=2).contiguous()
+        out[f"{block}.down_proj"] = stack("down").contiguous()
+    return out
+
+
+def split_fused_experts(weights: dict) -> dict:
+    """The inverse of fuse_experts: every fused block back to per-expert `.experts.E.{gate,up,down}_proj.weight`."""
+    out = {}
+    for key, t in weights.items():
+        m = _FUSED.fullmatch(key)
+        if m is None:
+            out[key] = t
+            continue
+        parts = dict(zip(("gate", "up"), t.chunk(2, dim=2))) if m[2] == "gate_up_proj" else {"down": t}
+        for proj, part in parts.items():
+            for e in range(part.shape[0]):
+                out[f"{m[1]}.{e}.{proj}_proj.weight"] = part[e].T.contiguous()
+    return out
+
+
 def write_weights(model_dir: Path, cfg: dict, family: Family) -> None:
     """The family's tensors for `cfg` in two safetensors shards split by layer, plus model.safetensors.index.json,
     like real checkpoints."""
     from safetensors.torch import save_file
 
     weights = random_weights(family.weight_specs(cfg))
+    if family.fused_on_disk:
+        weights = fuse_experts(weights)
     last = re.compile(rf"model\.(language_model\.)?layers\.{cfg.get('text_config', cfg)['num_hidden_layers'] - 1}\.")
     second = [k for k in weights if last.match(k) or not re.match(r"model\.(language_model\.)?layers\.", k)]
     second = [k for k in second if not k.endswith("embed_tokens.weight")]
@@ -128,16 +168,16 @@ def write_weights(model_dir: Path, cfg: dict, family: Family) -> None:
 
 
 def load_expert_weights(model_dir: Path) -> dict:
-    """Reads every per-expert tensor back from the shards (bf16 as stored)."""
+    """Reads every routed-expert tensor back from the shards (bf16 as stored), per expert whatever the layout."""
     from safetensors import safe_open
 
     out = {}
     for shard in open_checkpoint(model_dir).shards:
         with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
-                if EXPERT_KEY.search(k):
+                if EXPERT_KEY.search(k) or _FUSED.fullmatch(k):
                     out[k] = f.get_tensor(k)
-    return out
+    return split_fused_experts(out)
 
 
 def write_model_dir(model_dir: Path, family: Family) -> dict:

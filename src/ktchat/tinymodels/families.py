@@ -29,6 +29,7 @@ class Family:
     # steps) at 5e-3 under transformers 4.57; 2e-3 converges in 20-50 steps for every family in both majors.
     train_lr: float = 2e-3
     needs: str | None = None  # the transformers model package the family needs, where some majors lack it
+    fused_on_disk: bool = False  # routed experts stored fused, as Qwen3-VL-MoE ships them (checkpoint.fuse_experts)
 
     def unavailable(self) -> str | None:
         """Why the running transformers cannot build this family (it lacks its model), else None."""
@@ -281,6 +282,22 @@ def _qwen3_moe_specs(cfg: dict) -> list[Spec]:
     return _model(cfg, layer)
 
 
+# --- Qwen3-VL-MoE's text model: Qwen3-MoE's layers (softmax top-k always renormalised, no shared expert) with
+# interleaved multimodal rope; as a VLM only, its experts fused on disk
+
+
+def _qwen3_vl_moe_text_config(vocab, pad, bos, eos) -> dict:
+    cfg = _qwen3_moe_config(vocab, pad, bos, eos)
+    for key in ("norm_topk_prob", "use_sliding_window", "sliding_window", "max_window_layers", "rope_theta",
+                "rope_scaling"):
+        del cfg[key]
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                              "mrope_interleaved": True}
+    # experts of 192: transformers' transpose of the fused tensors checks their dims, and 2I == hidden (256) would
+    # leave them as they are
+    return {**cfg, "model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 192}
+
+
 # --- Mixtral: block_sparse_moe, experts w1 (gate), w3 (up), w2 (down) -------------------------------------------
 
 
@@ -352,6 +369,9 @@ def _qwen3_5_moe_specs(cfg: dict) -> list[Spec]:
 # Qwen ships it; Kimi-K2.5 as transformers saves it), whose tensors are listed from transformers' own model on meta
 
 _TINY_VISION = {
+    "qwen3_vl_moe": {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
+                     "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+                     "deepstack_visual_indexes": [0]},
     "qwen3_5_moe": {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
                     "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64},
     "kimi_k25": {"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
@@ -409,8 +429,8 @@ _MLA_NAMES = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj
 _GDN_NAMES = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 
 
-def _family(name, config, specs, names, needs: str | None = None, train_lr: float = 2e-3) -> Family:
-    return Family(name, f"tiny-{name}-1", config, specs, names, _targets(names), train_lr=train_lr, needs=needs)
+def _family(name, config, specs, names, needs: str | None = None, train_lr: float = 2e-3, **kw) -> Family:
+    return Family(name, f"tiny-{name}-1", config, specs, names, _targets(names), train_lr=train_lr, needs=needs, **kw)
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {
@@ -429,6 +449,9 @@ FAMILIES: dict[str, Callable[[], Family]] = {
                                                               "Qwen3_5MoeForConditionalGeneration"),
                                    _vlm_specs(_qwen3_5_moe_specs), _GQA_NAMES + _GDN_NAMES + _MLP_NAMES
                                    + ("shared_expert_gate",), needs="qwen3_5_moe", train_lr=1e-3),
+    "qwen3_vl_moe": lambda: _family("qwen3_vl_moe", _vlm_config(_qwen3_vl_moe_text_config, "qwen3_vl_moe",
+                                                                "Qwen3VLMoeForConditionalGeneration"),
+                                    _vlm_specs(_qwen3_moe_specs), _GQA_NAMES + _MLP_NAMES, fused_on_disk=True),
     "deepseek_v32": lambda: _family("deepseek_v32", _deepseek_v32_config, _deepseek_v32_specs,
                                     _MLA_NAMES + ("wq_b", "wk", "weights_proj") + _MLP_NAMES, needs="deepseek_v32"),
     # Kimi-K2.5's text model is DeepSeek-V3 (its text_config says kimi_k2, as the shipped one does)
