@@ -1,8 +1,11 @@
-"""End-to-end speed of KT mode on a random-weight checkpoint with DeepSeek-V2-Lite's configuration, against
-plain transformers on the GPU (with and without the adapter). No downloads: weights and adapter are random.
+"""End-to-end speed of KT mode on a random-weight checkpoint with DeepSeek-V2-Lite's configuration (or, with
+--family, Qwen3.5-35B-A3B's text model or GLM-4.5-Air's layer shapes at a layer count of about the same ~16B
+parameters), against plain transformers on the GPU (with and without the adapter). No downloads: weights and adapter
+are random.
 
     python bench/model_bench.py --layers 27 --out /tmp/bench            # the whole table
     python bench/model_bench.py --layers 4 --variants hf kt-exact kt-exact-eager
+    python bench/model_bench.py --family glm4_moe --variants hf-peft kt-exact --json /tmp/glm.json
 
 Each variant runs in its own process (clean CPU/GPU memory peaks); the parent prints medians and ratios.
 """
@@ -39,8 +42,42 @@ V2_LITE = {
     "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 100000,
     "eos_token_id": 100001, "use_cache": True, "initializer_range": 0.02, "aux_loss_alpha": 0.001, "seq_aux": True,
 }
-ATTN = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# Qwen3.5-35B-A3B's text model (Qwen3_5MoeTextConfig's defaults): 3 Gated DeltaNet layers then 1 gated full
+# attention layer, every layer sparse with a sigmoid-gated shared expert; 18 layers are 16.2B parameters (its 40: 34.7B)
+QWEN3_5_MOE = {
+    "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "vocab_size": 248320,
+    "hidden_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 16, "num_key_value_heads": 2,
+    "head_dim": 256, "attention_bias": False, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+    "full_attention_interval": 4, "layer_types": None, "num_experts": 256, "num_experts_per_tok": 8,
+    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "router_aux_loss_coef": 0.001,
+    "output_router_logits": False, "hidden_act": "silu", "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 248319, "use_cache": True,
+    "initializer_range": 0.02,
+}
+# GLM-4.5-Air (Glm4MoeConfig's defaults): GQA with q/k/v bias, no q/k norm, a dense first layer, sigmoid routing with
+# a score-correction bias; 7 layers are 15.5B parameters (its 46: 106B); no MTP layer (neither side runs one)
+GLM45_AIR = {
+    "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "vocab_size": 151552, "hidden_size": 4096,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 7, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5, "attention_bias": True,
+    "use_qk_norm": False, "n_routed_experts": 128, "num_experts_per_tok": 8, "n_shared_experts": 1, "n_group": 1,
+    "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True, "first_k_dense_replace": 1,
+    "num_nextn_predict_layers": 0, "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "eos_token_id": 151551, "use_cache": True, "initializer_range": 0.02,
+}
+MLA = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+GQA = ("q_proj", "k_proj", "v_proj", "o_proj")
+GDN = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+FAMILIES = {  # --family: (checkpoint folder, config.json, transformers package, LoRA targets: what `lora_target: all` hits)
+    "deepseek_v2": ("v2lite", V2_LITE, "deepseek_v2", MLA + MLP),
+    "qwen3_5_moe_text": ("qwen3_5moe", QWEN3_5_MOE, "qwen3_5_moe", GQA + GDN + MLP + ("shared_expert_gate",)),
+    "glm4_moe": ("glm45air", GLM45_AIR, "glm4_moe", GQA + MLP),
+}
 KT = {"experts_backend": "kt", "kt_method": "bf16"}
 VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix sets N kt worker threads
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
@@ -61,31 +98,64 @@ def variant(name: str) -> tuple[str, dict]:
     return engine, dict(kwargs, num_threads=int(threads)) if threads else kwargs
 
 
+def model_config(family: str, layers: int | None) -> dict:
+    cfg = FAMILIES[family][1]
+    cfg = dict(cfg, num_hidden_layers=layers or cfg["num_hidden_layers"])
+    if "layer_types" in cfg:  # Qwen3.5: every full_attention_interval-th layer is full attention
+        n = cfg["full_attention_interval"]
+        cfg["layer_types"] = [("linear" if (i + 1) % n else "full") + "_attention" for i in range(cfg["num_hidden_layers"])]
+    return cfg
+
+
 def shapes(cfg: dict):
     """(name, shape) of every tensor of the checkpoint, in on-disk names."""
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    heads, nope, rope, vd, kvr = (cfg[k] for k in ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim",
-                                                   "v_head_dim", "kv_lora_rank"))
+    h, v, heads = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
     yield "model.embed_tokens.weight", (v, h)
     yield "lm_head.weight", (v, h)
     yield "model.norm.weight", (h,)
-    for layer in range(cfg["num_hidden_layers"]):
+    e = cfg.get("n_routed_experts") or cfg["num_experts"]
+    kinds = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
+    for layer, kind in enumerate(kinds):
         p = f"model.layers.{layer}."
         yield p + "input_layernorm.weight", (h,)
         yield p + "post_attention_layernorm.weight", (h,)
-        yield p + "self_attn.q_proj.weight", (heads * (nope + rope), h)
-        yield p + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h)
-        yield p + "self_attn.kv_a_layernorm.weight", (kvr,)
-        yield p + "self_attn.kv_b_proj.weight", (heads * (nope + vd), kvr)
-        yield p + "self_attn.o_proj.weight", (h, heads * vd)
-        if layer < cfg["first_k_dense_replace"]:
+        if "kv_lora_rank" in cfg:  # DeepSeek-V2's MLA (no q_lora)
+            nope, rope, vd, kvr = (cfg[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
+            yield p + "self_attn.q_proj.weight", (heads * (nope + rope), h)
+            yield p + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, h)
+            yield p + "self_attn.kv_a_layernorm.weight", (kvr,)
+            yield p + "self_attn.kv_b_proj.weight", (heads * (nope + vd), kvr)
+            yield p + "self_attn.o_proj.weight", (h, heads * vd)
+        elif kind == "linear_attention":  # Qwen3.5's Gated DeltaNet
+            a, nv, vd = p + "linear_attn.", cfg["linear_num_value_heads"], cfg["linear_value_head_dim"]
+            conv = 2 * cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"] + nv * vd
+            yield from ((a + "in_proj_qkv.weight", (conv, h)), (a + "in_proj_z.weight", (nv * vd, h)),
+                        (a + "in_proj_a.weight", (nv, h)), (a + "in_proj_b.weight", (nv, h)),
+                        (a + "conv1d.weight", (conv, 1, cfg["linear_conv_kernel_dim"])), (a + "dt_bias", (nv,)),
+                        (a + "A_log", (nv,)), (a + "norm.weight", (vd,)), (a + "out_proj.weight", (h, nv * vd)))
+        else:  # GQA; Qwen3.5's q_proj also holds the output gate, and it has q/k norms
+            hd, kv, gated = cfg["head_dim"], cfg["num_key_value_heads"], "layer_types" in cfg
+            for name, out in (("q_proj", heads * hd * (1 + gated)), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+                yield p + f"self_attn.{name}.weight", (out, h)
+                if cfg["attention_bias"]:
+                    yield p + f"self_attn.{name}.bias", (out,)
+            yield p + "self_attn.o_proj.weight", (h, heads * hd)
+            if gated or cfg.get("use_qk_norm"):
+                yield from ((p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)))
+        if layer < cfg.get("first_k_dense_replace", 0):
             yield from mlp(p + "mlp.", h, cfg["intermediate_size"])
             continue
         i = cfg["moe_intermediate_size"]
-        yield p + "mlp.gate.weight", (cfg["n_routed_experts"], h)
-        yield from mlp(p + "mlp.shared_experts.", h, i * cfg["n_shared_experts"])
-        for e in range(cfg["n_routed_experts"]):
-            yield from mlp(p + f"mlp.experts.{e}.", h, i)
+        yield p + "mlp.gate.weight", (e, h)
+        if cfg["model_type"] == "glm4_moe":
+            yield p + "mlp.gate.e_score_correction_bias", (e,)
+        if "n_shared_experts" in cfg:
+            yield from mlp(p + "mlp.shared_experts.", h, i * cfg["n_shared_experts"])
+        else:  # Qwen's sigmoid-gated shared expert
+            yield from mlp(p + "mlp.shared_expert.", h, cfg["shared_expert_intermediate_size"])
+            yield p + "mlp.shared_expert_gate.weight", (1, h)
+        for x in range(e):
+            yield from mlp(p + f"mlp.experts.{x}.", h, i)
 
 
 def mlp(prefix, h, i):
@@ -94,9 +164,10 @@ def mlp(prefix, h, i):
     yield prefix + "down_proj.weight", (h, i)
 
 
-def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
-    """Random bf16 weights in ~2 GB shards + a random rank-`rank` all-target adapter (per-expert PEFT layout).
-    The random numbers come from the GPU when there is one (the CPU takes minutes for 15.7B of them)."""
+def write_checkpoint(root: Path, family: str, layers: int, rank: int) -> Path:
+    """Random bf16 weights in ~2 GB shards (norms 1, biases 0, the score-correction bias fp32) + a random rank-`rank`
+    all-target adapter (per-expert PEFT layout). The random numbers come from the GPU when there is one (the CPU
+    takes minutes for 15.7B of them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -105,7 +176,7 @@ def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
         return root
     model.mkdir(parents=True, exist_ok=True)
     adapter.mkdir(parents=True, exist_ok=True)
-    cfg = dict(V2_LITE, num_hidden_layers=layers)
+    cfg, targets = model_config(family, layers), FAMILIES[family][3]
     (model / "config.json").write_text(json.dumps(cfg, indent=2))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(dev).manual_seed(0)
@@ -120,10 +191,13 @@ def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
         shard, size = {}, 0
 
     for name, shape in shapes(cfg):
-        t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else (randn(*shape) * 0.02).bfloat16().cpu()
-        shard[name], size = t, size + t.numel() * 2
+        last = name.rsplit(".", 1)[-1]
+        dtype = torch.float32 if last == "e_score_correction_bias" else torch.bfloat16
+        t = ((torch.zeros if "bias" in last else torch.ones)(shape, dtype=dtype) if len(shape) == 1
+             else (randn(*shape) * 0.02).bfloat16().cpu())
+        shard[name], size = t, size + t.nbytes
         module = name.removesuffix(".weight")
-        if module.rsplit(".", 1)[-1] in ATTN + MLP:
+        if len(shape) == 2 and module.rsplit(".", 1)[-1] in targets:
             lora[f"base_model.model.{module}.lora_A.weight"] = (randn(rank, shape[1]) / shape[1] ** 0.5).bfloat16().cpu()
             lora[f"base_model.model.{module}.lora_B.weight"] = (randn(shape[0], rank) * 0.01).bfloat16().cpu()
         if size > 2e9:
@@ -133,7 +207,7 @@ def write_checkpoint(root: Path, layers: int, rank: int) -> Path:
     save_file(lora, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "bias": "none", "target_modules": list(ATTN + MLP), "base_model_name_or_path": str(model)}))
+        "bias": "none", "target_modules": list(targets), "base_model_name_or_path": str(model)}))
     write_tokenizer(model, cfg["vocab_size"])
     return root
 
@@ -163,7 +237,7 @@ def write_tokenizer(model: Path, vocab: int) -> None:
     (model / "tokenizer_config.json").write_text(json.dumps(dict(cfg, tokenizer_class="PreTrainedTokenizerFast")))
 
 
-def load(engine: str, root: Path, kwargs: dict):
+def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
     import torch
 
     kwargs = dict(kwargs)
@@ -171,7 +245,7 @@ def load(engine: str, root: Path, kwargs: dict):
     if engine.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16, device_map="cuda")
+        model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16, device_map=device_map)
         if engine == "hf-peft":
             from peft import PeftModel
 
@@ -186,8 +260,11 @@ def load(engine: str, root: Path, kwargs: dict):
     return load_model(root / "model", adapter, dtype="bfloat16", **kwargs)[0]
 
 
-def import_engine(engine: str) -> None:
-    import transformers.models.deepseek_v2.modeling_deepseek_v2  # noqa: F401
+def import_engine(engine: str, family: str) -> None:
+    import importlib
+
+    package = FAMILIES[family][2]
+    importlib.import_module(f"transformers.models.{package}.modeling_{package}")
 
     if engine != "hf":
         import peft  # noqa: F401
@@ -212,12 +289,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_variant(name: str, root: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
     engine, kwargs = variant(name)
     torch.cuda.synchronize()  # creates the CUDA context before any timer: neither imports nor load pay for it
-    import_s = timed(lambda: import_engine(engine))  # apart from the load: both sides pay it once per process
+    import_s = timed(lambda: import_engine(engine, family))  # apart from the load: both sides pay it once per process
     load_s = timed(lambda: globals().__setitem__("_model", load(engine, root, kwargs)))
     model = globals().pop("_model")
     ids = torch.randint(0, 100000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
@@ -287,23 +364,27 @@ def cpu_bandwidth_gbs(gib: float = 4.0, repeats: int = 8) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("/tmp/ktchat-bench"))
-    ap.add_argument("--layers", type=int, default=27)
+    ap.add_argument("--family", choices=list(FAMILIES), default="deepseek_v2")
+    ap.add_argument("--layers", type=int, help="default: the family's ~16B-parameter count (DeepSeek-V2-Lite's 27)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--json", type=Path, help="also write the config, bandwidth and rows here")
     ap.add_argument("--resume", action="store_true", help="keep the results of variants already measured here")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON on stdout
     args = ap.parse_args()
-    root = args.out / f"v2lite-{args.layers}l-r{args.rank}"
+    args.layers = model_config(args.family, args.layers)["num_hidden_layers"]
+    root = args.out / f"{FAMILIES[args.family][0]}-{args.layers}l-r{args.rank}"
     if args.run:  # JSON to a file: kt_kernel prints to stdout at exit
-        result = run_variant(args.run, root, args.prompt, args.new_tokens, args.repeats)
+        result = run_variant(args.run, root, args.family, args.prompt, args.new_tokens, args.repeats)
         (root / f"result-{args.run}.json").write_text(json.dumps(result))
         return
     start = time.perf_counter()
-    write_checkpoint(root, args.layers, args.rank)
-    print(f"checkpoint ready in {time.perf_counter() - start:.0f}s: {root}", flush=True)
+    write_checkpoint(root, args.family, args.layers, args.rank)
+    params = sum(math.prod(shape) for _, shape in shapes(model_config(args.family, args.layers)))
+    print(f"checkpoint ready in {time.perf_counter() - start:.0f}s: {root} ({params / 1e9:.2f}B parameters)", flush=True)
     os.sync()  # the checkpoint written out first: writeback would steal bandwidth
     bw = cpu_bandwidth_gbs()  # before any variant: nothing else running
     rows = []
@@ -313,7 +394,8 @@ def main() -> None:
             rows.append(json.loads(done.read_text()))
             continue
         warm_page_cache(root / "model")
-        cmd = [sys.executable, __file__, "--out", str(args.out), "--layers", str(args.layers), "--rank", str(args.rank),
+        cmd = [sys.executable, __file__, "--out", str(args.out), "--family", args.family, "--layers", str(args.layers),
+               "--rank", str(args.rank),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--run", name]
         # Every variant runs in the process environment the ktchat command gives itself (huge pages, OpenMP).
@@ -325,11 +407,15 @@ def main() -> None:
         said = [line for line in proc.stderr.splitlines() if "loaded " in line or "CUDA graph" in line]
         print("\n".join(said + [json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f}s)"]), flush=True)
     report(rows, args, bw)
+    if args.json:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "family": args.family, "layers": args.layers,
+                                         "parameters": params, "config": model_config(args.family, args.layers),
+                                         "cpu_read_bandwidth_gbs": bw, "rows": rows}, indent=1))
 
 
 def report(rows: list[dict], args, bandwidth: dict[str, float]) -> None:
-    cfg = dict(V2_LITE, num_hidden_layers=args.layers)
-    moe_layers = args.layers - cfg["first_k_dense_replace"]
+    cfg = model_config(args.family, args.layers)
+    moe_layers = args.layers - cfg.get("first_k_dense_replace", 0)
     active = moe_layers * cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
     bw = max(bandwidth.values())
     floor = {"bf16": bw * 1e9 / (active * 2), "int8": bw * 1e9 / active}
