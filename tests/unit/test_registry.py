@@ -17,16 +17,22 @@ def test_every_registered_family_has_a_tiny_model_and_back():
 
 
 def test_a_family_the_running_transformers_lacks_says_so():
-    """Qwen3.5-MoE exists only in transformers 5: under 4.57 its tiny family is not built and its tests skip, naming
-    the reason; every other family (and Qwen3.5-MoE under 5.x) is available."""
+    """Families whose model transformers 4.57 lacks (Qwen3.5-MoE, DeepSeek-V3.2, Kimi-K2.5) are not built there and
+    their tests skip, naming the reason; under 5.x every family is available."""
+    import importlib.util
+
     import transformers
 
     from ktchat.tinymodels.families import family
 
+    lacking = {"qwen3_5_moe_text", "qwen3_5_moe", "deepseek_v32", "kimi_k25"} if transformers.__version__.startswith("4.") else set()
     for name in FAMILY_NAMES:
-        reason = family(name).unavailable()
-        if name == "qwen3_5_moe_text" and transformers.__version__.startswith("4."):
-            assert reason == f"transformers {transformers.__version__} has no qwen3_5_moe model ({name} needs transformers 5)"
+        recipe = family(name)
+        reason = recipe.unavailable()
+        if name in lacking:
+            assert importlib.util.find_spec(f"transformers.models.{recipe.needs}") is None
+            assert reason == (f"transformers {transformers.__version__} has no {recipe.needs} model "
+                              f"({name} needs transformers 5)")
         else:
             assert reason is None, reason
 

@@ -288,11 +288,10 @@ def _qwen3_moe_specs(cfg: dict) -> list[Spec]:
 
 def _qwen3_vl_moe_text_config(vocab, pad, bos, eos) -> dict:
     cfg = _qwen3_moe_config(vocab, pad, bos, eos)
-    for key in ("norm_topk_prob", "use_sliding_window", "sliding_window", "max_window_layers", "rope_theta",
-                "rope_scaling"):
+    for key in ("norm_topk_prob", "use_sliding_window", "sliding_window", "max_window_layers"):
         del cfg[key]
-    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
-                              "mrope_interleaved": True}
+    # as Qwen3-VL's config.json has it (and 4.57 reads it): the multimodal rope under rope_scaling
+    cfg["rope_scaling"] = {"rope_type": "default", "mrope_section": [8, 12, 12], "mrope_interleaved": True}
     # experts of 192: transformers' transpose of the fused tensors checks their dims, and 2I == hidden (256) would
     # leave them as they are
     return {**cfg, "model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 192}
