@@ -136,6 +136,23 @@ def test_answers_equal_greedy_reference(server, reference, qa):
     assert chunks[-1].usage.completion_tokens == len(ids) and len(chunks) > 3
 
 
+def test_a_conversation_continues_its_kept_cache(server, reference):
+    """Each request of a growing conversation prefills only what follows the last one's prompt and reply (the
+    server keeps that cache), and answers as the fresh reference does."""
+    client, messages = server.client(), []
+    held = 0
+    for question, _ in TRAINED_QA + TRAINED_QA[:1]:
+        messages.append({"role": "user", "content": question})
+        prompt_len, ids, text = reference(messages)
+        reply = client.chat.completions.create(model="tiny", messages=messages)
+        assert reply.choices[0].message.content == text
+        if held:
+            assert server.health()["last_reused_tokens"] == held  # the whole previous prompt and reply but its end
+        held = prompt_len + len(ids) - 1
+        messages.append({"role": "assistant", "content": text})
+    assert server.health()["kept_caches"] >= 1
+
+
 def test_long_reply_token_for_token(server, reference):
     """32 tokens the adapter was not trained on (eos banned by logit_bias), streamed and not: the same text and
     token count as greedy generate on load_model's model (ids are not exposed by the API)."""
@@ -356,7 +373,7 @@ def test_engine_fifo_queue_cancel_errors_and_close(tiny):
 
     model, events, tokenizer = FakeModel(), [], AutoTokenizer.from_pretrained(tiny.model)
     engine = Engine(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=4), Prompts(model, tokenizer),
-                    queue_size=2)
+                    queue_size=2, kept_caches=0)
     jobs = [engine.prepare([{"role": "user", "content": f"q{i}"}], lambda k, p, i=i: events.append((i, k, p)))
             for i in range(5)]
     engine.submit(jobs[0])
@@ -377,7 +394,8 @@ def test_engine_fifo_queue_cancel_errors_and_close(tiny):
     wait_for(lambda: any(k == "error" for _, k, _ in events))
     engine.submit(jobs[3])
     wait_for(lambda: (3, "done") in [e[:2] for e in events])
-    assert engine.stats() == {"waiting": 0, "busy": False, "served": 4, "queue_size": 2}
+    assert engine.stats() == {"waiting": 0, "busy": False, "served": 4, "queue_size": 2, "kept_caches": 0,
+                              "last_reused_tokens": 0}
     engine.close()
     assert not engine._thread.is_alive()
     with pytest.raises(QueueFull, match="shutting down"):

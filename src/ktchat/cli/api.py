@@ -24,6 +24,11 @@ def add_command(subparsers) -> None:
                      "model folder's name)")
     api.add_argument("--queue-size", type=int, default=16, help="requests that may wait while one generates; "
                      "more are answered 503 (default 16)")
+    api.add_argument("--kept-caches", type=int, default=4, help="conversations whose KV cache is kept, so a request "
+                     "continuing one prefills only its new tokens (least recently used dropped first; 0: off; "
+                     "default 4)")
+    api.add_argument("--kept-cache-gib", type=float, default=4.0, help="memory those caches may hold together, on "
+                     "the device the attention runs on (default 4 GiB)")
     api.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a YAML key (repeatable)")
     api.set_defaults(func=cmd_api)
 
@@ -36,6 +41,9 @@ def listen_settings(args) -> tuple[str, int, str | None]:
         raise KTChatError(f"port must be an integer from 1 to 65535 (got {port!r})")
     if args.queue_size < 1:
         raise KTChatError(f"--queue-size must be an integer >= 1 (got {args.queue_size})")
+    if args.kept_caches < 0 or not args.kept_cache_gib >= 0:
+        raise KTChatError(f"--kept-caches and --kept-cache-gib must be >= 0 (got {args.kept_caches}, "
+                          f"{args.kept_cache_gib})")
     return host, int(port), args.api_key or os.environ.get("API_KEY") or None
 
 
@@ -79,7 +87,8 @@ def cmd_api(args) -> int:
     with bind_listener(host, port) as sock:
         session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
         engine = Engine(session.model, session.tokenizer, config.generation, session.prompts,
-                        queue_size=args.queue_size)
+                        queue_size=args.queue_size, kept_caches=args.kept_caches,
+                        kept_cache_bytes=int(args.kept_cache_gib * (1 << 30)))
         logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
                     ", API key required" if api_key else "")
         run_uvicorn(Server(engine, name, api_key).app(), engine, host, port, sock=sock)

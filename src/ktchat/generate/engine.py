@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from ..config import GenerationArgs
 from ..errors import KTChatError
+from .prefix import PrefixPool
 from .prompts import Prompts
 from .session import cancel_criterion
 
@@ -140,9 +141,17 @@ class Engine:
     """Owns the model, the tokenizer and the worker; the HTTP layer only prepares, submits and cancels jobs.
     Model, tokenizer and prompts are the ones `ktchat chat` uses (generate.open_session), so replies match it."""
 
-    def __init__(self, model, tokenizer, generation: GenerationArgs, prompts: Prompts, queue_size: int = 16):
+    def __init__(self, model, tokenizer, generation: GenerationArgs, prompts: Prompts, queue_size: int = 16,
+                 kept_caches: int = 4, kept_cache_bytes: int = 4 << 30):
         if queue_size < 1:
             raise KTChatError(f"queue size must be an integer >= 1 (got {queue_size!r})")
+        if kept_caches < 0 or kept_cache_bytes < 0:
+            raise KTChatError(f"kept caches and their bytes must be >= 0 (got {kept_caches!r}, {kept_cache_bytes!r})")
+        # the last conversations' KV caches (used by the worker thread only): a request that continues one
+        # prefills only its new tokens
+        keep = kept_caches > 0 and kept_cache_bytes > 0
+        self.kept = PrefixPool(model, kept_caches, kept_cache_bytes) if keep else None
+        self.last_reused = 0  # prompt tokens the last generation did not prefill again
         self.model, self.tokenizer, self.defaults, self.queue_size = model, tokenizer, generation, queue_size
         self.prompts = prompts
         self.eos_ids = set(prompts.stop_ids)
@@ -220,7 +229,8 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"waiting": len(self._waiting), "busy": self._running is not None, "served": self.served,
-                    "queue_size": self.queue_size}
+                    "queue_size": self.queue_size, "kept_caches": len(self.kept) if self.kept is not None else 0,
+                    "last_reused_tokens": self.last_reused}
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, cancel the waiting ones and the running one, and wait for the worker to end."""
@@ -274,7 +284,15 @@ class Engine:
         if job.logit_bias:
             kwargs["logits_processor"] = LogitsProcessorList([_bias_processor(job.logit_bias)])
         streamer = _ReplyStreamer(self, job)
+        entry = self.kept.take(job.input_ids) if self.kept is not None else None
+        if entry is not None:
+            kwargs.update(entry.for_prompt(job.input_ids))
         with torch.inference_mode():
-            self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-                                streamer=streamer, stopping_criteria=StoppingCriteriaList([cancel_criterion(job.cancel)]))
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
+                                      streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([cancel_criterion(job.cancel)]))
+        if entry is not None:  # a failed generate never gets here: its cache is dropped
+            entry.after(out[0].tolist())
+            self.kept.give_back(entry)
+        self.last_reused = entry.reused if entry is not None else 0
         return streamer.result()

@@ -13,6 +13,7 @@ import threading
 from typing import Iterator
 
 from ..config import ChatConfig, GenerationArgs
+from .prefix import PrefixCache
 from .prompts import Prompts, check_template
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,12 @@ class ChatSession:
         self.model, self.tokenizer, self.generation, self.prompts = model, tokenizer, generation, prompts
         self.history: list[dict[str, str]] = []
         self._generate_kwargs = prompts.generate_kwargs(generation)
+        self.kept = PrefixCache(model)  # the conversation's KV cache, continued by the next turn
 
     def clear(self) -> None:
         self.history = []
+        if self.kept is not None:
+            self.kept.clear()
 
     def input_ids(self, user_message: str):
         """The prompt for the history plus this message, as a [1, T] tensor on the model's device."""
@@ -57,12 +61,18 @@ class ChatSession:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel, errors = threading.Event(), []
 
+        kept = {} if self.kept is None else self.kept.for_prompt(input_ids[0].tolist())
+
         def work():
             try:
-                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    **self._generate_kwargs, streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([cancel_criterion(cancel)]))
+                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          **self._generate_kwargs, **kept, streamer=streamer,
+                                          stopping_criteria=StoppingCriteriaList([cancel_criterion(cancel)]))
+                if self.kept is not None:
+                    self.kept.after(out[0].tolist())
             except BaseException as exc:  # carried to the reader, which re-raises it
+                if self.kept is not None:
+                    self.kept.clear()  # a cache left half-written by a failed or cancelled turn is not reused
                 errors.append(exc)
                 streamer.end()  # unblock the reader
 

@@ -40,6 +40,9 @@ class StaticDecode:
         self._experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
         self._lock = threading.Lock()
         self.cache, self.cache_len = None, 0
+        self.held: list[int] = []  # the tokens whose KV the static cache holds (the last conversation)
+        self.reused = 0  # prompt tokens the last generate did not prefill again
+        self.eager_reason: str | None = None  # why this model cannot decode on a static cache, once known
         self._signature = None
         self._static: dict[str, torch.Tensor] = {}
         self._graph = self._output = None
@@ -55,11 +58,18 @@ class StaticDecode:
         if total is None:
             return self._generate(*args, **kwargs)
         with self._lock:  # one cache: one generation at a time
-            if not self._cache_for(total):
+            if not self._cache_for(total, input_ids[0].tolist()):
                 return self._generate(*args, **kwargs)
             if _disable_compile_known():
                 kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache model
-            return self._generate(*args, **{self._cache_kwarg: self.cache}, **kwargs)
+            try:
+                out = self._generate(*args, **{self._cache_kwarg: self.cache}, **kwargs)
+            except BaseException:
+                self.held = []  # whatever the cache holds now is not known
+                raise
+            sequence = out if torch.is_tensor(out) else out.sequences
+            self.held = sequence[0, :int(self.cache.get_seq_length())].tolist()
+            return out
 
     def forward(self, *args, **kwargs):
         cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
@@ -81,11 +91,24 @@ class StaticDecode:
         new = setting("max_new_tokens")
         return input_ids.shape[1] + new if new is not None else setting("max_length")
 
-    def _cache_for(self, total: int) -> bool:
-        """Reuses the cache when it is long enough, else makes one (powers of two, so few sizes ever get captured)."""
+    def _cache_for(self, total: int, prompt: list[int]) -> bool:
+        """Reuses the cache when it is long enough, else makes one (powers of two, so few sizes ever get captured).
+
+        A reused cache keeps the tokens the prompt shares with what it holds (the conversation so far), cut back to
+        them: generate then prefills only the rest, and its tokens equal a fresh prefill's."""
+        self.reused = 0
+        if self.eager_reason is not None:
+            return False
         if self.cache is not None and self.cache_len >= total:
-            self.cache.reset()
+            keep = min(common_prefix(self.held, prompt), len(prompt) - 1)
+            if keep > 0:
+                self.cache.crop(keep - int(self.cache.get_seq_length()))  # negative: drop that many
+                self.held, self.reused = self.held[:keep], keep
+            else:
+                self.cache.reset()
+                self.held = []
             return True
+        self.held = []
         from transformers import StaticCache
 
         limit = getattr(self.model.config, "max_position_embeddings", None) or total
@@ -95,22 +118,25 @@ class StaticDecode:
         try:
             cache = StaticCache(config=self.model.config, max_cache_len=size)
         except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
-            logger.info("static decode off: transformers' StaticCache cannot hold this model's cache (%s: %s); "
-                        "decoding is eager", type(exc).__name__, exc)
-            return False
+            return self._eager(f"transformers' StaticCache cannot hold this model's cache ({type(exc).__name__}: "
+                               f"{exc})")
         layers = getattr(cache, "layers", [None])
         other = sorted({type(layer).__name__ for layer in layers} - {"StaticLayer"})
         if other:
             # the mask here is full-length, and a linear-attention layer's conv / recurrent state (Qwen3.5-MoE's
             # Gated DeltaNet) or an indexer's own key cache (DeepSeek-V3.2) is not what the step's mask describes
             kind = "linear-attention" if any("LinearAttention" in n for n in other) else "non-KV"
-            logger.info("static decode off: the cache has %s layers (%s); decoding is eager", kind, ", ".join(other))
-            return False
+            return self._eager(f"the cache has {kind} layers ({', '.join(other)})")
         if not _separate_value_width(type(layers[0])):
-            logger.info("static decode off: this transformers' StaticCache stores values as wide as keys")
-            return False
+            return self._eager("this transformers' StaticCache stores values as wide as keys")
         self.cache, self.cache_len = cache, size
         return True
+
+    def _eager(self, reason: str) -> bool:
+        """The model's cache has no static form: said once, then every generate runs eagerly."""
+        self.eager_reason = reason
+        logger.info("static decode off: %s; decoding is eager", reason)
+        return False
 
     def _step(self, kwargs):
         tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and k != "attention_mask"}
@@ -188,6 +214,12 @@ class StaticDecode:
         self._graph, self._output = graph, output
         self._replayed = torch.cuda.Event(blocking=True)
         logger.debug("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 @functools.cache
