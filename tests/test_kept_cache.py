@@ -51,10 +51,15 @@ def sessions(paths, static: bool = False):
 
 
 @pytest.mark.parametrize("name, static", [("deepseek_v2", False), ("qwen3_5_moe_text", False), ("deepseek_v2", True),
-                                          ("qwen3_moe", True)])
-def test_late_turns_prefill_only_the_new_turn_and_answer_as_a_fresh_prefill(tiny_family, name, static):
-    """On a DynamicCache the session keeps; on the static cache (static decode keeps the last conversation)."""
-    model, kept, fresh = sessions(tiny_family(name), static)
+                                          ("qwen3_moe", True), ("qwen3_moe", "grow")])
+def test_late_turns_prefill_only_the_new_turn_and_answer_as_a_fresh_prefill(tiny_family, name, static, monkeypatch):
+    """On a DynamicCache the session keeps; on the static cache (static decode keeps the last conversation), also
+    where each turn outgrows it (a 16-token minimum: the tokens held are copied into the bigger cache)."""
+    if static == "grow":
+        from ktchat.model import decode
+
+        monkeypatch.setattr(decode, "_MIN_CACHE", 16)
+    model, kept, fresh = sessions(tiny_family(name), bool(static))
     counter, fresh_counter = PrefillCounter(model), PrefillCounter(fresh.model)
     if static:
         counter.turn(kept, "hello")  # static decode finds out whether this transformers can hold a static cache

@@ -41,6 +41,7 @@ class StaticDecode:
         self._lock = threading.Lock()
         self.cache, self.cache_len = None, 0
         self.held: list[int] = []  # the tokens whose KV the static cache holds (the last conversation)
+        self.keep_conversation = True  # False: every generate prefills its whole prompt (benchmarks compare)
         self.reused = 0  # prompt tokens the last generate did not prefill again
         self.eager_reason: str | None = None  # why this model cannot decode on a static cache, once known
         self._signature = None
@@ -99,16 +100,16 @@ class StaticDecode:
         self.reused = 0
         if self.eager_reason is not None:
             return False
+        keep = min(common_prefix(self.held, prompt), len(prompt) - 1) if self.keep_conversation and self.cache is not None else 0
         if self.cache is not None and self.cache_len >= total:
-            keep = min(common_prefix(self.held, prompt), len(prompt) - 1)
             if keep > 0:
-                self.cache.crop(keep - int(self.cache.get_seq_length()))  # negative: drop that many
+                _truncate(self.cache, keep)
                 self.held, self.reused = self.held[:keep], keep
             else:
                 self.cache.reset()
                 self.held = []
             return True
-        self.held = []
+        old, self.held = self.cache, self.held[:keep]
         from transformers import StaticCache
 
         limit = getattr(self.model.config, "max_position_embeddings", None) or total
@@ -130,6 +131,10 @@ class StaticDecode:
         if not _separate_value_width(type(layers[0])):
             return self._eager("this transformers' StaticCache stores values as wide as keys")
         self.cache, self.cache_len = cache, size
+        if keep > 0 and _carry_over(old, cache, keep):  # a conversation outgrowing its cache keeps what it had
+            self.reused = keep
+        else:
+            self.held = []
         return True
 
     def _eager(self, reason: str) -> bool:
@@ -214,6 +219,33 @@ class StaticDecode:
         self._graph, self._output = graph, output
         self._replayed = torch.cuda.Event(blocking=True)
         logger.debug("decode step captured as a CUDA graph (static cache of %d tokens)", self.cache_len)
+
+
+def _truncate(cache, keep: int) -> None:
+    """The static cache made to hold its first `keep` tokens only: the rest zeroed (older transformers count the
+    filled slots) and the layers' counters set (newer ones keep one)."""
+    for layer in cache.layers:
+        layer.keys[:, :, keep:].zero_()
+        layer.values[:, :, keep:].zero_()
+        if torch.is_tensor(getattr(layer, "cumulative_length", None)):
+            layer.cumulative_length.fill_(keep)
+
+
+def _carry_over(old, new, keep: int) -> bool:
+    """Copies the first `keep` tokens of a smaller static cache into a new, empty one; False where it cannot."""
+    try:
+        for src, dst in zip(old.layers, new.layers, strict=True):
+            if not getattr(src, "is_initialized", False):
+                return False
+            dst.lazy_initialization(src.keys, src.values)
+            dst.keys[:, :, :keep].copy_(src.keys[:, :, :keep])
+            dst.values[:, :, :keep].copy_(src.values[:, :, :keep])
+            if torch.is_tensor(getattr(dst, "cumulative_length", None)):
+                dst.cumulative_length.fill_(keep)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        new.reset()
+        return False
+    return int(new.get_seq_length()) == keep
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
