@@ -85,9 +85,10 @@ def main() -> None:
             label = f"{name} {'kept cache' if kept else 'whole conversation'}"
             print(label, flush=True)
             result["runs"][label] = rows = run(session, texts)
-            print(f"{label}: turn 1 {rows[0]['ttft_s']:.3f} s, turn {len(rows)} {rows[-1]['ttft_s']:.3f} s "
-                  f"({rows[-1]['ttft_s'] / rows[0]['ttft_s']:.2f}x); median turn {statistics.median(r['turn_s'] for r in rows):.3f} s",
-                  flush=True)
+            first, last = rows[0]["ttft_s"], rows[-1]["ttft_s"]
+            median = statistics.median(r["turn_s"] for r in rows)
+            print(f"{label}: turn 1 {first:.3f} s, turn {len(rows)} {last:.3f} s ({last / first:.2f}x); "
+                  f"median turn {median:.3f} s", flush=True)
         del model
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -100,7 +100,9 @@ class StaticDecode:
         self.reused = 0
         if self.eager_reason is not None:
             return False
-        keep = min(common_prefix(self.held, prompt), len(prompt) - 1) if self.keep_conversation and self.cache is not None else 0
+        keep = 0
+        if self.keep_conversation and self.cache is not None:
+            keep = min(common_prefix(self.held, prompt), len(prompt) - 1)
         if self.cache is not None and self.cache_len >= total:
             if keep > 0:
                 _truncate(self.cache, keep)

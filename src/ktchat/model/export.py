@@ -61,10 +61,7 @@ def base_naming(model_dir: Path) -> BaseNaming:
     arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
     if arch is None:
         return BaseNaming(GENERIC_EXPERTS)
-    blocks = "|".join(re.escape(b) for b in (arch.moe_attr, *arch.moe_attr_aliases))
-    fused = re.compile(rf"{re.escape(arch.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{arch.experts_attr}"
-                       rf"\.(?P<name>gate_up_proj|down_proj)")
-    return BaseNaming(arch.expert_path, arch.module_name, fused, arch.fused_transposed)
+    return BaseNaming(arch.expert_path, arch.module_name, arch.fused_expert_pattern, arch.fused_transposed)
 
 
 class CheckpointShapes:

@@ -97,6 +97,13 @@ class MoEArch:
                    rf"\.(?P<expert>\d+)\.(?P<proj>{names})")
         return ExpertPath(re.compile(pattern), dict(self.proj_names))
 
+    @property
+    def fused_expert_pattern(self) -> re.Pattern:
+        """A layer's fused routed-expert tensors (transformers 5's layout): groups layer and name."""
+        blocks = "|".join(re.escape(b) for b in (self.moe_attr, *self.moe_attr_aliases))
+        return re.compile(rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{self.experts_attr}"
+                          rf"\.(?P<name>gate_up_proj|down_proj)")
+
     def expert_weight_key(self, layer: int, expert: int, proj: str) -> str:
         name = {canon: n for n, canon in self.proj_names}[proj]
         return f"{self.layers_path}.{layer}.{self.moe_attr}.{self.experts_attr}.{expert}.{name}.weight"
@@ -222,7 +229,8 @@ def _yarn_mscale_scaling(layers, config) -> None:
 def _mtp_module(name: str, config) -> str | None:
     """Qwen3.5-MoE checkpoints hold their multi-token-prediction module under `mtp.`, which transformers skips too."""
     if name.startswith("mtp."):
-        return f"multi-token-prediction module (mtp.*), which transformers' {type(config).__name__.removesuffix('Config')} has no module for"
+        family = type(config).__name__.removesuffix("Config")
+        return f"multi-token-prediction module (mtp.*), which transformers' {family} has no module for"
     return None
 
 
@@ -236,8 +244,8 @@ def _vlm(text: MoEArch, model_type: str, vision_modules: tuple[str, ...] = ("mod
             return "vision modules, not allocated for text chat"
         return text.skip_tensor(name, config)
 
-    return replace(text, model_type=model_type, layers_path="model.language_model.layers", text_config_attr="text_config",
-                   vision_modules=vision_modules, skip_tensor=skip, **changes)
+    return replace(text, model_type=model_type, layers_path="model.language_model.layers",
+                   text_config_attr="text_config", vision_modules=vision_modules, skip_tensor=skip, **changes)
 
 
 # --- the families --------------------------------------------------------------------------------------------------
@@ -273,15 +281,16 @@ ARCHS: dict[str, MoEArch] = {
 }
 
 
-# VLM checkpoints around the text families: Qwen3.5-MoE and Qwen3-VL-MoE as Qwen ships them; Kimi-K2.5 / K2.6, whose shipped files
-# keep the remote code's names (language_model.model.*, vision_tower.*, mm_projector.*)
+# VLM checkpoints around the text families: Qwen3.5-MoE and Qwen3-VL-MoE as Qwen ships them; Kimi-K2.5 / K2.6,
+# whose shipped files keep the remote code's names (language_model.model.*, vision_tower.*, mm_projector.*)
 ARCHS["qwen3_5_moe"] = _vlm(ARCHS["qwen3_5_moe_text"], "qwen3_5_moe")
 # Qwen3-VL-MoE: Qwen3-MoE's block with the top-k always renormalised; experts shipped fused and transposed
 ARCHS["qwen3_vl_moe"] = _vlm(replace(ARCHS["qwen3_moe"], route=_softmax_topk(None)), "qwen3_vl_moe",
                              fused_transposed=True)
 ARCHS["kimi_k25"] = _vlm(ARCHS["deepseek_v3"], "kimi_k25", ("model.vision_tower", "model.mm_projector"),
-                         renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                                  ("vision_tower.", "model.vision_tower."), ("mm_projector.", "model.mm_projector.")))
+                         renames=(("language_model.model.", "model.language_model."),
+                                  ("language_model.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+                                  ("mm_projector.", "model.mm_projector.")))
 
 # Remote-code model types that transformers runs natively: Kimi-K2's config.json says kimi_k2 (DeepSeek-V3's
 # architecture, auto_map to its own copy of DeepseekV3Config), which ktchat reads as the native deepseek_v3
