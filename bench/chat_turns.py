@@ -64,6 +64,7 @@ def main() -> None:
 
     from ktchat.config import GenerationArgs
     from ktchat.generate import ChatSession, Prompts
+    from ktchat.model.decode import static_decode_of
 
     tok = AutoTokenizer.from_pretrained(root / "model")
     tok.chat_template = TEMPLATE
@@ -73,7 +74,7 @@ def main() -> None:
     for name in args.variants:
         engine, kwargs = model_bench.variant(name)
         model = model_bench.load(engine, root, dict(kwargs, device=args.device) if args.device == "cpu" else kwargs)
-        static = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "static_decode", None)
+        static = static_decode_of(model)
         for kept in (True, False):
             session = ChatSession(model, tok, generation, Prompts(model, tok))
             if not kept:

@@ -305,8 +305,9 @@ def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens:
         prefill = [timed(lambda: model(ids)) for _ in range(repeats)]
         total = [timed(lambda: model.generate(ids, **gen)) for _ in range(repeats)]
     decode = [(t - p) / (new_tokens - 1) for t, p in zip(total, prefill)]
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    static = getattr(inner, "static_decode", None)
+    from ktchat.model.decode import static_decode_of  # after the timings: the hf variants import no ktchat before
+
+    static = static_decode_of(model)
     cache = static.cache if static is not None else None
     breakdown = decode_breakdown(static) if static is not None and static._graph is not None else {}
     return {

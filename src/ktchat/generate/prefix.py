@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 
-from ..model.decode import common_prefix
+from ..model.decode import common_prefix, static_decode_of
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ def cache_kwarg() -> str:
 
 def _static_decode(model):
     """The model's StaticDecode where it decodes on a static cache (which then keeps the conversation), else None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    static = getattr(inner, "static_decode", None)
+    static = static_decode_of(model)
     return static if static is not None and static.eager_reason is None else None
 
 

@@ -274,8 +274,17 @@ def _disable_compile_known() -> bool:
     return hasattr(GenerationConfig(), "disable_compile")
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the one StaticDecode is installed on)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def static_decode_of(model: nn.Module) -> StaticDecode | None:
+    """The StaticDecode installed on `model` (a PEFT model is looked through), or None."""
+    return getattr(_inner(model), "static_decode", None)
+
+
 def enable_static_decode(model: nn.Module, cuda_graphs: bool) -> StaticDecode:
     """Installs StaticDecode on `model` (a PEFT model is looked through); returns it."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    existing = getattr(inner, "static_decode", None)
-    return existing if existing is not None else StaticDecode(inner, cuda_graphs)
+    existing = static_decode_of(model)
+    return existing if existing is not None else StaticDecode(_inner(model), cuda_graphs)
