@@ -11,6 +11,7 @@ import torch
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
+from ..quant import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,18 @@ class ExpertsBackend(ABC):
         self._check_new(proj, expert, tensor.shape, source)
         self._store(proj, expert, tensor)
         self._loaded.add((proj, expert))
+
+    def load_quantized(self, proj: str, expert: int, q: QuantizedWeight, source: str) -> None:
+        """Takes one expert projection stored quantized in the checkpoint (fp8, int4, ...; q.shape is its logical
+        [out, in]). Contract: check the shape against the spec before anything else (same message as
+        load_weight), then record the projection as loaded exactly once; `source` names the checkpoint tensor in
+        errors. The default dequantizes exactly (fp32, then cast to spec.dtype) and goes through load_weight:
+        the reference path, holding the experts in spec.dtype. A backend whose kernels run the native format
+        overrides this to keep q's bytes (CPU memory about q.nbytes) and refuses, naming `source`, a format it
+        cannot run rather than converting it silently."""
+        if tuple(q.shape) != self.spec.weight_shape(proj):
+            self._check_new(proj, expert, q.shape, source)
+        self.load_weight(proj, expert, q.dequantize(torch.float32).to(self.spec.dtype), source)
 
     def weight_slot(self, proj: str, expert: int) -> torch.Tensor | None:
         """The CPU tensor this projection is stored in, for a loader that reads the file straight into it (then
