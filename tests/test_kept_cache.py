@@ -51,7 +51,8 @@ def sessions(paths, static: bool = False):
 
 
 @pytest.mark.parametrize("name, static", [("deepseek_v2", False), ("qwen3_5_moe_text", False), ("deepseek_v2", True),
-                                          ("qwen3_moe", True), ("qwen3_moe", "grow")])
+                                          ("qwen3_moe", True), ("qwen3_moe", "grow"),
+                                          ("deepseek_v2", "grow")])
 def test_late_turns_prefill_only_the_new_turn_and_answer_as_a_fresh_prefill(tiny_family, name, static, monkeypatch):
     """On a DynamicCache the session keeps; on the static cache (static decode keeps the last conversation), also
     where each turn outgrows it (a 16-token minimum: the tokens held are copied into the bigger cache)."""

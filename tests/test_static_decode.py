@@ -88,3 +88,49 @@ def test_cuda_graphs_need_one_gpu(tiny):
         pytest.skip("checks the CPU-only refusal")
     with pytest.raises(KTChatError, match="cuda_graphs: true needs every non-expert weight on one CUDA device"):
         load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device="cpu", cuda_graphs=True)
+
+
+def test_prompt_longer_than_the_kt_chunk_is_split_exactly(tiny, reference, chat_prompts, monkeypatch):
+    """kt's kernel buffers hold chunk_size tokens (KTExperts.chunk_size, the SFT kernel's max_len): a longer prompt
+    goes through in chunks, with the logits of one unchunked call, then decodes on the static cache."""
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts import kt_backend
+    from ktchat.model.moe import CPUExperts
+
+    from reference import logits
+
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="kt", dtype="float32", device=DEVICE)
+    experts = [m.backend for m in model.modules() if isinstance(m, CPUExperts)]
+    ids = chat_prompts[-1]  # the 172-token chat
+    whole = logits(model, ids)
+    calls = []
+    run = kt_backend._run
+    monkeypatch.setattr(kt_backend, "_run", lambda pool, task: (calls.append(1), run(pool, task))[1])
+    for backend in experts:
+        backend.chunk_size = 64  # below the kernel's buffers (sized at load for the default chunk): safe to shrink
+    chunked = logits(model, ids)
+    assert len(calls) == len(experts) * 3, len(calls)  # 172 tokens: 64 + 64 + 44 per layer
+    assert rel_err(chunked, whole) < 1e-6
+    assert greedy(reference, ids, 4) == chunked[0, -1:].argmax(-1).tolist() + greedy(reference, ids, 4)[1:]
+    sd = static(model)
+    assert scored(model, ids, n=4)[0] == greedy(reference, ids, 4)
+    assert sd._signature is not None
+
+
+def test_conversation_outgrowing_the_static_cache_is_carried_over(tiny, reference, chat_prompts, monkeypatch,
+                                                                  static_decode_capable):
+    """A follow-up longer than the static cache: a bigger cache holds the kept tokens (copied, not prefilled again),
+    and the reply equals the reference's."""
+    from ktchat.model import decode
+
+    monkeypatch.setattr(decode, "_MIN_CACHE", 16)
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    sd = static(model)
+    first = chat_prompts[0]
+    tokens, _ = scored(model, first, n=4)
+    small = sd.cache_len
+    follow = torch.cat([first, torch.tensor([tokens]), chat_prompts[-1]], dim=1)  # the chat goes on, past the cache
+    assert follow.shape[1] + 4 > small
+    got, _ = scored(model, follow, n=4)
+    assert sd.cache_len > small and sd.reused == first.shape[1] + len(tokens) - 1
+    assert got == greedy(reference, follow, 4)

@@ -21,6 +21,7 @@ import threading
 import torch
 from torch import nn
 
+from . import mla
 from .moe import CPUExperts
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class StaticDecode:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         model.generate, model.forward = self.generate, self.forward
         model.static_decode = self
+        self._lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+        self._adapters_held = None  # the PEFT adapter state the held conversation was computed under
+        # MLA (DeepSeek-V2/V3) steps attend on the latent cache, absorbed: the step's GPU time stays flat with context
+        self.absorbed = mla.install(model)
 
     def generate(self, *args, **kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -101,8 +106,10 @@ class StaticDecode:
         if self.eager_reason is not None:
             return False
         keep = 0
-        if self.keep_conversation and self.cache is not None:
+        adapters = self._adapter_state()
+        if self.keep_conversation and self.cache is not None and adapters == self._adapters_held:
             keep = min(common_prefix(self.held, prompt), len(prompt) - 1)
+        self._adapters_held = adapters
         if self.cache is not None and self.cache_len >= total:
             if keep > 0:
                 _truncate(self.cache, keep)
@@ -139,6 +146,12 @@ class StaticDecode:
             self.held = []
         return True
 
+    def _adapter_state(self):
+        """What the held KV depends on besides the tokens: which adapters are on, merged, and their weights' versions
+        (a disabled, switched or reloaded adapter makes the held conversation stale)."""
+        return tuple((repr(m.active_adapters), m.disable_adapters, getattr(m, "merged", None),
+                      tuple(p._version for p in m.parameters())) for m in self._lora_layers)
+
     def _eager(self, reason: str) -> bool:
         """The model's cache has no static form: said once, then every generate runs eagerly."""
         self.eager_reason = reason
@@ -160,6 +173,8 @@ class StaticDecode:
                 self._static[name].copy_(value)
             if self._graph is None:
                 return self._run()
+            for attn in self.absorbed:
+                attn.refresh()  # an adapter changed since the capture: its buffers are rewritten in place
             self._graph.replay()
             # Wait here, asleep: generate's own sync right after would spin a core for the whole token, and the
             # kt workers need every core they were given.

@@ -16,6 +16,7 @@ import torch
 
 from ..adapter import ExpertPath
 from ..errors import KTChatError
+from .mla import rope_cos_sin, rope_freqs_cis
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class MoEArch:
     text_config_attr: str | None = None
     vision_modules: tuple[str, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()  # (on-disk prefix, module prefix) where the shipped files differ
+    # MLA attention decoded absorbed on a latent cache (model/mla.py): the family's rope, (attn, q_pe, k_pe, pos)
+    absorbed_mla: Callable | None = None
 
     def module_name(self, key: str) -> str:
         """A checkpoint key under the model's module names (the shipped layout renamed, else as it is)."""
@@ -260,8 +263,8 @@ _QWEN = dict(num_experts_attr="num_experts", top_k_attr="num_experts_per_tok",
 
 ARCHS: dict[str, MoEArch] = {
     "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2,
-                           patch_model=_yarn_mscale_scaling, **_SHARED_MOE),
-    "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
+                           patch_model=_yarn_mscale_scaling, absorbed_mla=rope_freqs_cis, **_SHARED_MOE),
+    "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, absorbed_mla=rope_cos_sin, **_NOAUX_TC),
     # DeepSeek-V3.2 (transformers 5 only): V3's MoE and routing; its attention's sparse indexer stays transformers'
     "deepseek_v32": MoEArch("deepseek_v32", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
     "glm4_moe": MoEArch("glm4_moe", **_NOAUX_TC),

@@ -1,0 +1,93 @@
+"""MLA decoded absorbed on the latent cache (ktchat.model.mla): every decode step's logits equal the fp32 hand-merged
+reference's, with the LoRA on q / kv_a / kv_b / o projections, and kv_b_proj's LoRA is what the absorption must use."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from ktchat import load_model
+from ktchat.model import mla
+from ktchat.model.decode import enable_static_decode
+
+from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, rel_err
+from tolerances import FP32_BOUND
+
+NEW_TOKENS = 12
+FAMILIES = ("deepseek_v2", "deepseek_v3")  # V2: complex rope, no q LoRA rank; V3: cos/sin rope, interleaved, q_a/q_b
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tiny_family):
+    from transformers import AutoTokenizer
+
+    paths = tiny_family(request.param)
+    digest = hashlib.sha256((paths.adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+    reference = load_reference(merge_by_hand(paths.model, paths.adapter, paths.root / f"merged-all-{digest}"))
+    prompts = chat_prompt_ids(AutoTokenizer.from_pretrained(paths.model))
+    return request.param, paths, reference, [prompts[0], prompts[-1]]  # a trained question; the 172-token chat
+
+
+def absorbed_model(paths, static_decode_capable):
+    model, _ = load_model(paths.model, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    sd = enable_static_decode(model, cuda_graphs=False)
+    if not sd.absorbed:
+        pytest.skip("this transformers caches MLA's keys and values decompressed: absorbed decode stays off")
+    return model, sd
+
+
+def decode_errors(model, sd, reference, ids):
+    """Greedy decode on the static cache; each step's logits against the reference's on the same tokens."""
+    steps = sum(a.steps for a in sd.absorbed)
+    ids = ids.to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    steps = sum(a.steps for a in sd.absorbed) - steps
+    assert steps == (len(out.scores) - 1) * len(sd.absorbed) > 0, "decode steps not absorbed"  # an EOS may end it
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    want = logits(reference, out.sequences[:, :-1].cpu())[0, ids.shape[1] - 1:]
+    return tokens, rel_err(torch.stack(out.scores)[:, 0].float().cpu(), want)
+
+
+def test_absorbed_decode_equals_reference(fam, static_decode_capable):
+    name, paths, reference, prompts = fam
+    model, sd = absorbed_model(paths, static_decode_capable)
+    assert len(sd.absorbed) == model.config.num_hidden_layers
+    assert all(type(a.attn.kv_b_proj) is not torch.nn.Linear for a in sd.absorbed), "kv_b_proj has no LoRA"
+    for ids in prompts:
+        tokens, err = decode_errors(model, sd, reference, ids)
+        assert err < FP32_BOUND, (name, err)
+        assert tokens == greedy(reference, ids, NEW_TOKENS)
+
+
+def test_absorbing_without_kv_b_lora_breaks_the_match(fam, static_decode_capable, monkeypatch):
+    """The absorption with kv_b_proj's base weight only (its LoRA ignored): far outside the bound."""
+    name, paths, reference, prompts = fam
+
+    def base_only(self):
+        a = self.attn
+        return a.kv_b_proj.base_layer.weight.detach().view(a.num_heads, -1, a.kv_lora_rank)
+
+    monkeypatch.setattr(mla.AbsorbedMLA, "effective_weight", base_only)
+    model, sd = absorbed_model(paths, static_decode_capable)
+    _, err = decode_errors(model, sd, reference, prompts[1])
+    assert err > 100 * FP32_BOUND, (name, err)
+
+
+def test_adapter_state_change_refreshes_the_absorbed_weight(fam, static_decode_capable):
+    """With the adapter disabled, decode follows the base model (the effective weight is recomputed), and back."""
+    name, paths, reference, prompts = fam
+    model, sd = absorbed_model(paths, static_decode_capable)
+    ids = prompts[0]
+    _, err = decode_errors(model, sd, reference, ids)
+    assert err < FP32_BOUND
+    with model.disable_adapter():
+        out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        want = logits(model, out.sequences[:, :-1])[0, ids.shape[1] - 1:]  # no cache: transformers' own attention
+        assert rel_err(torch.stack(out.scores)[:, 0].float().cpu(), want) < FP32_BOUND
+    _, err = decode_errors(model, sd, reference, ids)
+    assert err < FP32_BOUND
