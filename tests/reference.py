@@ -45,7 +45,8 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and not cfg.get("use_rslora")
     scale = cfg["lora_alpha"] / cfg["r"]
-    stored = read_checkpoint(model_dir)
+    base_config = json.loads((model_dir / "config.json").read_text())
+    stored = dequantize_by_hand(read_checkpoint(model_dir), base_config.get("quantization_config"))
     weights = {k: v.double() for k, v in split_fused_experts(stored).items()}  # Qwen3-VL-MoE: fused on disk
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         lora = {k: f.get_tensor(k).double() for k in f.keys()}
@@ -66,10 +67,49 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
             shutil.copy(f, tmp / f.name)
     config = json.loads((tmp / "config.json").read_text())
     config["torch_dtype"] = "float32"
+    if config.pop("quantization_config", None) is not None:  # stored dequantized: plain transformers, plain weights
+        config.pop("auto_map", None)
+        if config.get("model_type") == "kimi_k2":  # Kimi-K2's remote-code type is transformers' deepseek_v3
+            config["model_type"] = "deepseek_v3"
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def dequantize_by_hand(stored: dict, qc: dict | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's quantized weights as fp32 `<module>.weight`, block by block (DeepSeek-V3 FP8: value *
+    weight_scale_inv of its block; compressed-tensors pack-quantized INT4: eight nibbles per int32 word, lowest
+    first, stored as q + 8, times weight_scale of its group); everything else as stored."""
+    if qc is None:
+        return dict(stored)
+    out = dict(stored)
+    if qc["quant_method"] == "fp8":
+        br, bc = qc["weight_block_size"]
+        for key in [k for k in stored if k.endswith(".weight_scale_inv")]:
+            module = key.removesuffix(".weight_scale_inv")
+            data, scale = stored[f"{module}.weight"], out.pop(key)
+            assert data.dtype == torch.float8_e4m3fn
+            w = data.float()
+            for i in range(scale.shape[0]):
+                for j in range(scale.shape[1]):
+                    w[i * br:(i + 1) * br, j * bc:(j + 1) * bc] *= scale[i, j].item()
+            out[f"{module}.weight"] = w
+        return out
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized", qc
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["num_bits"] == 4 and group["weights"]["symmetric"]
+    size = group["weights"]["group_size"]
+    for key in [k for k in stored if k.endswith(".weight_packed")]:
+        module = key.removesuffix(".weight_packed")
+        packed, scale = out.pop(key), out.pop(f"{module}.weight_scale")
+        rows, cols = out.pop(f"{module}.weight_shape").tolist()
+        nibbles = torch.stack([(packed >> (4 * j)) & 15 for j in range(8)], dim=2).reshape(rows, -1)[:, :cols]
+        w = (nibbles - 8).float()
+        for g in range(scale.shape[1]):
+            w[:, g * size:(g + 1) * size] *= scale[:, g:g + 1].float()
+        out[f"{module}.weight"] = w
+    return out
 
 
 def is_routed_expert(module: str) -> bool:

@@ -250,7 +250,7 @@ def test_export_copies_quantized_tensors_unchanged(tiny, without_expert_lora, tm
     """F8_E4M3 / U32 experts and their scales are copied byte for byte (the scales are re-typed with the compute
     dtypes: F32 stays F32, MLX's BF16 ones follow --dtype); everything else is exactly the export of the plain base."""
     base = quantized_base(tiny, tmp_path / "base", scheme)
-    export_merged(base, without_expert_lora, tmp_path / "out", dtype=dtype)
+    export_merged(base, without_expert_lora, tmp_path / "out", dtype=dtype, format="base")
     export_merged(tiny.model, without_expert_lora, tmp_path / "plain", dtype=dtype)
     got, src, plain = (read_checkpoint(tmp_path / d) for d in ("out", "base", "plain"))
     assert got.keys() == src.keys()
@@ -270,9 +270,14 @@ def test_export_copies_quantized_tensors_unchanged(tiny, without_expert_lora, tm
 
 
 def test_export_refuses_lora_on_a_quantized_weight(tiny, tmp_path):
-    """W + B @ A on an F8 weight would ignore its scales: refused, naming the tensor, before anything is written."""
+    """W + B @ A on an F8 weight whose config names no quantization would ignore its scales: refused, naming the
+    tensor, before anything is written. (FP8 and INT4 bases with their quantization_config merge:
+    tests/test_quantized.py.)"""
     base = quantized_base(tiny, tmp_path / "base", "fp8")
-    refusal = r"experts\.\d\.\w+_proj\.weight is stored as F8_E4M3, and export merges LoRA only into F32, BF16, F16, "
+    config = json.loads((base / "config.json").read_text())
+    del config["quantization_config"]
+    (base / "config.json").write_text(json.dumps(config))
+    refusal = r"experts\.\d\.\w+_proj\.weight: stored as F8_E4M3, a quantized dtype, but config.json has no quantization_"
     with pytest.raises(KTChatError, match=refusal) as err:
         export_merged(base, tiny.adapter, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()

@@ -260,3 +260,113 @@ def staged_output(out, overwrite: bool = False):
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- quantized modules: which tensors of a checkpoint make up one quantized weight ----
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """One quantized linear of the checkpoint: its on-disk module name and its tensors, role -> on-disk name."""
+
+    module: str
+    names: dict[str, str]  # "data", "scale", ("shape") -> e.g. model.layers.1.mlp.experts.0.up_proj.weight_scale_inv
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """A checkpoint's quantized modules as its config.quantization_config and its headers say, checked on the
+    headers alone (no tensor read): every quantized tensor has the others its format needs, nothing is left over."""
+
+    scheme: object  # ktchat.quant.QuantScheme, or None for an unquantized checkpoint
+    modules: dict[str, QuantizedModule]  # by on-disk module name
+    member: dict[str, str]  # on-disk tensor name -> the module it belongs to
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def assemble(self, module: str, tensors: dict, where: str):
+        """The QuantizedWeight of `module` from its tensors (role -> torch tensor); one error naming `where`."""
+        from .quant import QuantizedWeight
+
+        fmt = self.scheme.fmt
+        try:
+            q = fmt.from_tensors(tensors, self.scheme.block)
+            if not isinstance(q, QuantizedWeight):
+                raise KTChatError(f"format {fmt.name} built {type(q).__name__}")
+            return q
+        except KTChatError as exc:
+            raise KTChatError(f"{where}: {exc}") from None
+
+
+def quant_layout(checkpoint: Checkpoint, quantization_config, where: str) -> QuantLayout:
+    """Groups the checkpoint's quantized tensors by module (quantization_config as config.json has it; `where` names
+    that file). Refuses, naming the file and tensor: a quantized tensor without a quantization_config, or of another
+    format than it names; a weight whose scales are missing (its values would load as if unscaled) or scales
+    without their weight; a module quantized that the config's `ignore` leaves unquantized; scales whose shape does
+    not fit the weight and block."""
+    from . import quant
+
+    scheme = quant.scheme_of(quantization_config, where)
+    fmt = scheme.fmt if scheme else None
+    own = {suffix: role for role, suffix in fmt.tensors.items()} if fmt else {}
+    others = {s: f for s, (f, _) in quant.suffixes().items() if s not in own and s != "weight"}
+    data_dtypes = {st_name(d) for d in fmt.data_dtypes} if fmt else set()
+    said = f"quantization_config names {scheme.format}" if scheme else "config.json has no quantization_config"
+    groups: dict[str, dict[str, str]] = {}
+    for name, file in checkpoint.files.items():
+        info = checkpoint.headers[file].tensors[name]
+        module, _, suffix = name.rpartition(".")
+        loc = f"{file.name}: {name}"
+        role = own.get(suffix)
+        if role == "data" and info.dtype.name not in data_dtypes:
+            role = None  # an unquantized weight (fp8's data suffix is every weight's)
+        if role is None:
+            if info.dtype.narrow and suffix == "weight":
+                raise KTChatError(f"{loc}: stored as {info.dtype.name}, a quantized dtype, but {said}: its values "
+                                  "would load without their scales")
+            if suffix in others:
+                raise KTChatError(f"{loc}: a {others[suffix]} quantization tensor, but {said}")
+            continue
+        groups.setdefault(module, {})[role] = name
+    modules, member = {}, {}
+    for module, names in groups.items():
+        loc = f"{checkpoint.files[next(iter(names.values()))].name}: {module}"
+        if "data" not in names:
+            have = ", ".join(sorted(n.rpartition(".")[2] for n in names.values()))
+            raise KTChatError(f"{loc}.{fmt.tensors['data']}: missing or not {'/'.join(sorted(data_dtypes))}, but the "
+                              f"checkpoint holds its {have}")
+        missing = [fmt.tensors[r] for r in fmt.required if r not in names]
+        if missing:
+            raise KTChatError(f"{loc}: its {fmt.name} weight is in the checkpoint but {module}.{missing[0]} is not "
+                              "(the values cannot be used without it)")
+        if scheme.ignores(module):
+            raise KTChatError(f"{loc}: stored quantized, but quantization_config.ignore leaves it unquantized")
+        problem = _header_problem(fmt.name, scheme.block, {r: checkpoint.headers[checkpoint.files[n]].tensors[n]
+                                                           for r, n in names.items()})
+        if problem:
+            raise KTChatError(f"{loc}: {problem}")
+        modules[module] = QuantizedModule(module, names)
+        member.update(dict.fromkeys(names.values(), module))
+    return QuantLayout(scheme, modules, member)
+
+
+def _header_problem(fmt: str, block: tuple[int, int], infos: dict[str, TensorInfo]) -> str | None:
+    """Scale shape against the weight's, from the headers (int4's input size is known only from weight_shape's
+    value: checked within what its packed words allow, exactly once read)."""
+    data, scale = infos["data"].shape, infos["scale"].shape
+    if len(data) != 2 or len(scale) != 2:
+        return f"weight {list(data)} and scale {list(scale)} must both be 2-D"
+    if not infos["scale"].dtype.floating:
+        return f"scale stored as {infos['scale'].dtype.name}, not a float"
+    rows = -(-data[0] // block[0])
+    if fmt == "fp8":
+        cols = (-(-data[1] // block[1]),) * 2
+    elif fmt == "int4":
+        cols = (-(-(8 * data[1] - 7) // block[1]), -(-(8 * data[1]) // block[1]))
+    else:
+        return None  # formats added later check their own shapes on read
+    if scale[0] != rows or not cols[0] <= scale[1] <= cols[1]:
+        want = f"[{rows}, {cols[0]}]" if cols[0] == cols[1] else f"[{rows}, {cols[0]}..{cols[1]}]"
+        return f"scale shape {list(scale)} does not fit weight {list(data)} in blocks {list(block)} (expected {want})"
+    return None

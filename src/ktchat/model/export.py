@@ -5,12 +5,21 @@ names and shard files, so vLLM, SGLang, kt-kernel or plain transformers load it 
 are streamed tensor by tensor: untouched tensors are copied byte for byte, memory stays at one tensor plus
 the current layer's expert LoRA. Everything is checked against the checkpoint's headers before a byte is written.
 
+Quantized bases (config.json's quantization_config: DeepSeek-V3's block FP8, compressed-tensors INT4; ktchat.quant):
+`format="bf16"` (the default) writes every quantized weight dequantized (exact, fp32) with its LoRA merged, as
+`<module>.weight` in bf16 (or `dtype`), and drops quantization_config: the checkpoint any server loads, about 2 bytes
+per parameter on disk (DeepSeek-V3 671B: ~1.3 TB, against ~0.7 TB in FP8). `format="base"` keeps the base's format:
+weights without LoRA are copied byte for byte, those with LoRA are dequantized, merged in fp32 and quantized again
+in the same format and blocks (one more rounding to the format's grid), so the export is the base's size. Either way
+memory stays at one weight in fp32 (a 7168 x 2048 expert: 59 MB) plus the layer's expert LoRA.
+
 Dtypes: without `dtype`, every tensor keeps the dtype it has on disk. With `dtype` (one of `COMPUTE_DTYPES`), the
 tensors stored in a compute dtype (F32, BF16, F16) are stored in it; every other tensor is copied byte for byte:
 integers and bools (token ids, packed int4 weights, masks), F64, complex, and the 8-bit and smaller floats (F8_E4M3,
 F8_E5M2, F8_E8M0, ...), because a quantized tensor means something only with the scales stored beside it, and a
 cast would write a checkpoint whose scales no longer apply. For the same reason LoRA is merged only into weights
-stored in F64/F32/BF16/F16: an adapter on an F8 weight is refused, with its name, before anything is written.
+stored in F64/F32/BF16/F16 or in a quantized format ktchat reads: an adapter on any other quantized weight (an MLX
+U32 weight, an F8 weight without a quantization_config) is refused, with its name, before anything is written.
 """
 
 from __future__ import annotations
@@ -25,14 +34,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
-from ..checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, TensorInfo, open_checkpoint,
-                          staged_output)
+from ..checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, QuantLayout, TensorInfo,
+                          open_checkpoint, quant_layout, st_name, staged_output)
 from ..errors import KTChatError
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64 << 20
 MERGE_INTO = tuple(d.name for d in BY_TORCH_NAME.values() if d.floating and not d.narrow)  # F32, BF16, F16, F64
+FORMATS = ("bf16", "base")  # a quantized base's export: dequantized (the default), or in the base's own format
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,25 @@ def base_naming(model_dir: Path) -> BaseNaming:
 
 
 class CheckpointShapes:
-    """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`."""
+    """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`; a quantized
+    module's `<module>.weight` has its logical shape (compressed-tensors' from its small weight_shape tensor)."""
 
     def __init__(self, model_dir: Path, naming: BaseNaming):
         checkpoint = open_checkpoint(model_dir)
         self.headers: dict[Path, Header] = checkpoint.headers
+        self.files = checkpoint.files
+        self.layout: QuantLayout = quant_layout(checkpoint, _quantization_config(model_dir),
+                                                str(model_dir / "config.json"))
         self.shapes = {naming.module_name(k): list(shape) for k, shape in checkpoint.shapes().items()}
+        self.quantized_shapes: dict[str, tuple[int, int]] = {}  # on-disk module -> logical [out, in]
+        with _Reader() as read:
+            for module, qm in self.layout.modules.items():
+                if "shape" in qm.names:
+                    shape = tuple(read(self.files[qm.names["shape"]], qm.names["shape"]).tolist())
+                else:
+                    shape = tuple(checkpoint.shapes()[qm.names["data"]])
+                self.quantized_shapes[module] = shape
+                self.shapes[naming.module_name(f"{module}.weight")] = list(shape)
         self.experts: dict[int, dict[tuple[int, str], list]] = {}
         for key, shape in self.shapes.items():
             where = naming.experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
@@ -99,11 +122,15 @@ class CheckpointShapes:
         return len({e for e, _ in found}), hidden, inter
 
 
-def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Writes the merged checkpoint to `out_dir`; returns a summary (modules merged, bytes written)."""
+def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, format: str = "bf16",
+                  overwrite: bool = False) -> dict:
+    """Writes the merged checkpoint to `out_dir`; returns a summary (modules merged, bytes written). `format`
+    matters for a quantized base only (module docstring)."""
     model_dir, out = Path(model_dir), Path(out_dir)
     if dtype not in (None, *COMPUTE_DTYPES):
         raise KTChatError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    if format not in FORMATS:
+        raise KTChatError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     with staged_output(out, overwrite) as tmp:
         naming = base_naming(model_dir)
         adapter = read_adapter(adapter_dir)
@@ -112,9 +139,10 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
         check_channels(adapter, channels, base)
         merge = Merger(adapter, channels, naming)
         _check_merge_dtypes(base, merge)
-        total = _write_all(base, merge, tmp, dtype)
+        quant = QuantExport(base, merge, format, dtype)
+        total, weight_map = _write_all(base, merge, tmp, dtype, quant)
         merge.check_all_used()
-        _copy_side_files(model_dir, tmp, total, dtype)
+        _copy_side_files(model_dir, tmp, total, dtype, weight_map, dequantized=bool(base.layout) and format == "bf16")
     return {"merged_modules": len(merge.used), "bytes": total, "shards": len(base.headers)}
 
 
@@ -196,20 +224,127 @@ def _check_merge_dtypes(base: CheckpointShapes, merge: Merger) -> None:
     """Refuses LoRA on a weight stored quantized (F8) or as integers, before anything is written."""
     for file, header in base.headers.items():
         for name, t in header.tensors.items():
+            if name in base.layout.member:
+                continue  # dequantized to merge (QuantExport)
             if t.dtype.name not in MERGE_INTO and merge.target(name) is not None:
                 raise KTChatError(f"{file}: {name} is stored as {t.dtype.name}, and export merges LoRA only into "
-                                  f"{', '.join(MERGE_INTO)} weights (dequantize the base model first)")
+                                  f"{', '.join(MERGE_INTO)} weights and the formats of a quantization_config ktchat "
+                                  "reads (dequantize the base model first)")
 
 
-def _write_all(base: CheckpointShapes, merge: Merger, out: Path, dtype: str | None) -> int:
+class QuantExport:
+    """What export writes for each tensor of a quantized module: in "bf16", the module's data tensor becomes its
+    merged, dequantized `<module>.weight` and its other tensors go; in "base", a module with LoRA is merged and
+    quantized again in the same format and block, one without is copied."""
+
+    def __init__(self, base: CheckpointShapes, merge: Merger, format: str, dtype: str | None):
+        self.base, self.merge, self.format = base, merge, format
+        self.out_dtype = BY_TORCH_NAME[dtype or "bfloat16"]
+        self._read = _Reader()
+        self._requantized: dict[str, dict] = {}
+
+    def close(self) -> None:
+        self._read.close()
+
+    def items(self, name: str, t: TensorInfo) -> list[tuple[str, DType, list, Callable | None]]:
+        """(out name, dtype, shape, producer: () -> tensor, or None to copy the stored bytes) for tensor `name`."""
+        module = self.base.layout.member[name]
+        qm = self.base.layout.modules[module]
+        has_lora = self.merge.target(f"{module}.weight") is not None
+        if self.format == "bf16":
+            if name != qm.names["data"]:
+                return []
+            shape = list(self.base.quantized_shapes[module])
+            return [(f"{module}.weight", self.out_dtype, shape, lambda: self._merged(module).to(self.out_dtype.torch))]
+        if not has_lora:
+            return [(name, t.dtype, list(t.shape), None)]
+        role = next(r for r, n in qm.names.items() if n == name)
+        return [(name, t.dtype, list(t.shape), lambda: self._requantize(module, role, t))]
+
+    def _weight(self, module: str):
+        qm = self.base.layout.modules[module]
+        tensors = {r: self._read(self.base.files[n], n) for r, n in qm.names.items()}
+        return self.base.layout.assemble(module, tensors, f"{self.base.files[qm.names['data']].name}: {module}")
+
+    def _merged(self, module: str):
+        """The module's weight, dequantized in fp32, with its LoRA (if any) added in fp32."""
+        torch = _torch()
+        w = self._weight(module).dequantize(torch.float32)
+        lora = self.merge.lora_for(f"{module}.weight")
+        if lora is not None:
+            a, b, scale = lora
+            w = torch.addmm(w, b.float(), a.float(), alpha=scale)
+        return w
+
+    def _requantize(self, module: str, role: str, t: TensorInfo):
+        from .. import quant
+
+        if module not in self._requantized:
+            scheme = self.base.layout.scheme
+            q = quant.quantize(scheme.format, self._merged(module), scheme.block)
+            self._requantized[module] = {r: q.tensors(module)[n] for r, n in
+                                         self.base.layout.modules[module].names.items()}
+        tensor = self._requantized[module][role]
+        if len(self._requantized[module]) == 1:
+            del self._requantized[module]
+        else:
+            del self._requantized[module][role]
+        if st_name(tensor.dtype) != t.dtype.name:
+            tensor = tensor.to(t.dtype.torch)  # e.g. scales stored in F32 where the format makes BF16
+        if list(tensor.shape) != list(t.shape):
+            raise KTChatError(f"{module}: re-quantized {role} has shape {list(tensor.shape)}, the base {list(t.shape)}")
+        return tensor
+
+
+class _Reader:
+    """Tensors by (file, name) from any shard, each file opened once."""
+
+    def __init__(self):
+        self._handles: dict[Path, object] = {}
+
+    def __call__(self, file: Path, name: str):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt").__enter__()
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _quantization_config(model_dir: Path):
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KTChatError(f"{path}: cannot read the base model's config ({exc})") from None
+    return config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+
+
+def _write_all(base: CheckpointShapes, merge: Merger, out: Path, dtype: str | None,
+               quant: QuantExport) -> tuple[int, dict[str, str]]:
     from tqdm.auto import tqdm
 
     size = sum(f.stat().st_size for f in base.headers)
-    written = 0
-    with tqdm(total=size, desc="Exporting", unit="B", unit_scale=True, disable=None) as bar:
-        for header in base.headers.values():
-            written += _write_shard(header, out / header.path.name, merge, dtype, bar)
-    return written
+    written, weight_map = 0, {}
+    try:
+        with tqdm(total=size, desc="Exporting", unit="B", unit_scale=True, disable=None) as bar:
+            for header in base.headers.values():
+                n, names = _write_shard(header, out / header.path.name, merge, dtype, bar, base.layout, quant)
+                written += n
+                weight_map.update(dict.fromkeys(names, header.path.name))
+    finally:
+        quant.close()
+    return written, weight_map
 
 
 def _stored_as(t: TensorInfo, dtype: str | None) -> DType:
@@ -217,32 +352,42 @@ def _stored_as(t: TensorInfo, dtype: str | None) -> DType:
     return BY_TORCH_NAME[dtype] if dtype and t.dtype.compute else t.dtype
 
 
-def _write_shard(header: Header, dst: Path, merge: Merger, dtype: str | None, bar) -> int:
-    """Streams one shard: same keys and order; merged or re-typed tensors rewritten, the rest copied raw."""
+def _write_shard(header: Header, dst: Path, merge: Merger, dtype: str | None, bar, layout: QuantLayout,
+                 quant: QuantExport) -> tuple[int, list[str]]:
+    """Streams one shard: same keys and order (a quantized module exported dequantized: its weight where its
+    values were, its scales gone); merged or re-typed tensors rewritten, the rest copied raw."""
     from safetensors import safe_open
 
     src = header.path
-    new, offset = {}, 0
+    items = []  # (name, tensor info, out name, out dtype, out shape, producer or None)
     for name, t in header.tensors.items():
-        stored = _stored_as(t, dtype)
-        end = offset + stored.nbytes(t.shape)
-        new[name], offset = {"dtype": stored.name, "shape": list(t.shape), "data_offsets": [offset, end]}, end
+        if name in layout.member:
+            items += [(name, t, *item) for item in quant.items(name, t)]
+        else:
+            items.append((name, t, name, _stored_as(t, dtype), list(t.shape), False))
+    new, offset = {}, 0
+    for _, _, out_name, stored, shape, _ in items:
+        end = offset + stored.nbytes(shape)
+        new[out_name], offset = {"dtype": stored.name, "shape": shape, "data_offsets": [offset, end]}, end
     meta = {"__metadata__": header.metadata} if header.metadata else {}
     text = json.dumps({**meta, **new}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with open(dst, "wb") as out, open(src, "rb") as raw, safe_open(str(src), framework="pt") as f:
         out.write(len(text).to_bytes(8, "little") + text)
-        for name, t in header.tensors.items():
-            lora = merge.lora_for(name)
-            stored = _stored_as(t, dtype)
-            if merge.is_fused(name):
+        for name, t, _, stored, _, produce in items:
+            if produce:  # a quantized module's merged or re-quantized tensor
+                _write_tensor(out, produce())
+            elif produce is None:  # a quantized tensor kept as it is
+                _copy_raw(raw, out, header.data_start + t.start, t.nbytes)
+            elif merge.is_fused(name):
                 _write_tensor(out, merge.merged_fused(name, f.get_tensor(name)).to(stored.torch))
-            elif lora is None and stored is t.dtype:
+            elif (lora := merge.lora_for(name)) is None and stored is t.dtype:
                 _copy_raw(raw, out, header.data_start + t.start, t.nbytes)
             else:
                 _write_tensor(out, _merged(f.get_tensor(name), lora, stored))
+        for _, t in header.tensors.items():
             bar.update(t.nbytes)
-    return offset
+    return offset, list(new)
 
 
 def _merged(weight, lora, stored: DType):
@@ -270,18 +415,26 @@ def _copy_raw(raw, out, offset: int, length: int) -> None:
         length -= len(chunk)
 
 
-def _copy_side_files(model_dir: Path, out: Path, total: int, dtype: str | None) -> None:
-    """config, tokenizer, generation config and the rest as they are; the index with the new total size."""
+def _copy_side_files(model_dir: Path, out: Path, total: int, dtype: str | None, weight_map: dict[str, str],
+                     dequantized: bool) -> None:
+    """config, tokenizer, generation config and the rest as they are; the index with the new total size (and the
+    names written, where dequantized modules changed them); a dequantized export's config without its
+    quantization_config and in the dtype written."""
     for f in model_dir.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name != SHARD_INDEX:
             shutil.copy2(f, out / f.name)
     if (model_dir / SHARD_INDEX).is_file():
         index = json.loads((model_dir / SHARD_INDEX).read_text())
         index.setdefault("metadata", {})["total_size"] = total
+        if dequantized:
+            index["weight_map"] = dict(sorted(weight_map.items()))
         (out / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    if dtype and (out / "config.json").is_file():
+    if (dtype or dequantized) and (out / "config.json").is_file():
         config = json.loads((out / "config.json").read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = dtype
+        for c in (config, config.get("text_config") or {}):
+            if dequantized:
+                c.pop("quantization_config", None)
+            for key in ("torch_dtype", "dtype"):
+                if key in c:
+                    c[key] = dtype or "bfloat16"
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

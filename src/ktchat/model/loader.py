@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, open_checkpoint, st_name
+from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, QuantLayout, open_checkpoint, quant_layout, st_name
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
@@ -158,6 +158,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     keep_fp32 = _fp32_names(model)
     text_config = arch.text_config(model.config)
     checkpoint = open_checkpoint(model_dir)  # every header read and checked here, before any weight moves
+    layout = quant_layout(checkpoint, quantization_config_of(model.config), str(model_dir / "config.json"))
+    quantized = _QuantizedParts(layout)
     files = checkpoint.files
     module_of = {name: arch.module_name(name) for name in files}  # the model's name for each on-disk key
     by_file: dict[Path, list[str]] = {}
@@ -170,7 +172,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
         in_place = set()
-        for name in sorted((n for n in files if module_of[n] in expert_keys), key=lambda n: expert_keys[module_of[n]]):
+        plain_experts = (n for n in files if module_of[n] in expert_keys and n not in layout.member)
+        for name in sorted(plain_experts, key=lambda n: expert_keys[module_of[n]]):
             header = checkpoint.headers[files[name]]
             if experts.read_into_slot(header, name, *expert_keys[module_of[name]], f"{files[name].name}: {name}"):
                 in_place.add(name)
@@ -183,6 +186,28 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
             with handle as f:
                 for name in names:
                     where, key = f"{file.name}: {name}", module_of[name]
+                    if name in layout.member:
+                        done = quantized.add(name, f, where)
+                        if done is None:
+                            continue
+                        module, q, parts = done
+                        key, where = arch.module_name(f"{module}.weight"), f"{file.name}: {module}"
+                        if key in expert_keys:
+                            experts.load_quantized(*expert_keys[key], q, where)
+                            bar.update(parts - 1)
+                        elif key in tensors:
+                            target = torch.float32 if key in keep_fp32 else dtype
+                            _assign(model, key, tensors[key], q.dequantize(torch.float32), where_is(key), target, where)
+                            bar.update(parts)
+                        elif (reason := arch.skip_tensor(key, text_config)) is not None:
+                            skipped.setdefault(reason, []).extend([key] * parts)
+                            bar.update(parts)
+                        else:
+                            raise KTChatError(f"{where}: quantized checkpoint weight does not belong to the model"
+                                              + (" (quantized fused experts are not supported)" if key in fused_keys
+                                                 else ""))
+                        loaded.add(key)
+                        continue
                     if key in fused_keys:
                         fused = f.get_tensor(name).to(dtype)
                         if arch.fused_transposed and fused.dim() == 3:
@@ -289,6 +314,10 @@ class ExpertLoading:
         self._blocks[layer].cpu_experts.backend.load_weight(proj, expert, tensor, where)
         self._arrived(layer)
 
+    def load_quantized(self, layer: int, expert: int, proj: str, q, where: str) -> None:
+        self._blocks[layer].cpu_experts.backend.load_quantized(proj, expert, q, where)
+        self._arrived(layer)
+
     def _fd(self, file: Path) -> int:
         if file not in self._files:
             try:
@@ -332,6 +361,36 @@ class ExpertLoading:
                 block.cpu_experts.backend.finalize()
                 block.cpu_experts.backend.prepare()
                 self._packed.add(layer)
+
+
+def quantization_config_of(config):
+    """config.json's quantization_config (a VLM's may sit in its text_config), or None."""
+    for c in (config, getattr(config, "text_config", None)):
+        qc = getattr(c, "quantization_config", None) if c is not None else None
+        if qc is not None:
+            return qc.to_dict() if hasattr(qc, "to_dict") else qc
+    return None
+
+
+class _QuantizedParts:
+    """Collects each quantized module's tensors as the shards stream by (a weight and its scales may sit in
+    different shards); hands back the module's QuantizedWeight once the last arrives."""
+
+    def __init__(self, layout: QuantLayout):
+        self.layout = layout
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, name: str, handle, where: str):
+        """(module, QuantizedWeight, its tensor count) once `name` completes its module, else None."""
+        module = self.layout.member[name]
+        qm = self.layout.modules[module]
+        role = next(r for r, n in qm.names.items() if n == name)
+        parts = self._pending.setdefault(module, {})
+        parts[role] = handle.get_tensor(name)
+        if len(parts) < len(qm.names):
+            return None
+        del self._pending[module]
+        return module, self.layout.assemble(module, parts, where.rpartition(": ")[0] + f": {module}"), len(parts)
 
 
 def _load_fused(experts: ExpertLoading, layer: int, name: str, tensor: torch.Tensor, where: str) -> None:
