@@ -60,6 +60,7 @@ def test_late_turns_prefill_only_the_new_turn_and_answer_as_a_fresh_prefill(tiny
         from ktchat.model import decode
 
         monkeypatch.setattr(decode, "_MIN_CACHE", 16)
+        monkeypatch.setattr(decode, "_MIN_CACHE_ABSORBED", 16)
     model, kept, fresh = sessions(tiny_family(name), bool(static))
     counter, fresh_counter = PrefillCounter(model), PrefillCounter(fresh.model)
     if static:

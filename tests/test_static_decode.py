@@ -68,8 +68,11 @@ def test_kt_experts_bound_in_the_decode_step(tiny, reference, chat_prompts, stat
         assert answer in tok.decode(tokens, skip_special_tokens=True)
 
 
-def test_cache_regrows_and_other_calls_pass_through(tiny, chat_prompts, static_decode_capable):
+def test_cache_regrows_and_other_calls_pass_through(tiny, chat_prompts, static_decode_capable, monkeypatch):
     """A longer request gets a longer cache; beams and batches take transformers' own path."""
+    from ktchat.model import decode
+
+    monkeypatch.setattr(decode, "_MIN_CACHE_ABSORBED", decode._MIN_CACHE)  # absorbed MLA starts at 4,096 tokens
     model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     sd = static(model)
     ids = chat_prompts[0]
@@ -124,6 +127,7 @@ def test_conversation_outgrowing_the_static_cache_is_carried_over(tiny, referenc
     from ktchat.model import decode
 
     monkeypatch.setattr(decode, "_MIN_CACHE", 16)
+    monkeypatch.setattr(decode, "_MIN_CACHE_ABSORBED", 16)
     model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     sd = static(model)
     first = chat_prompts[0]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from ..config import GenerationArgs
 from ..errors import KTChatError
+from ..model.decode import static_decode_of
 from .prefix import PrefixPool
 from .prompts import Prompts
 from .session import cancel_criterion
@@ -151,6 +152,9 @@ class Engine:
         # prefills only its new tokens
         keep = kept_caches > 0 and kept_cache_bytes > 0
         self.kept = PrefixPool(model, kept_caches, kept_cache_bytes) if keep else None
+        static = static_decode_of(model)
+        if static is not None and not keep:  # no kept caches: the static cache does not keep the last one either
+            static.keep_conversation = False
         self.last_reused = 0  # prompt tokens the last generation did not prefill again
         self.model, self.tokenizer, self.defaults, self.queue_size = model, tokenizer, generation, queue_size
         self.prompts = prompts

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 _CACHE_KEYS = ("past_key_values", "cache")  # transformers 5 renames the first to the second
 _MIN_CACHE = 512
+# Absorbed MLA keeps only the latent (V2-Lite: 31 KB a token over 27 layers) and a step's cost barely grows with the
+# cache's length: start long, so a growing chat is not carried over and re-captured every doubling
+_MIN_CACHE_ABSORBED = 4096
 
 
 class StaticDecode:
@@ -122,7 +125,8 @@ class StaticDecode:
         from transformers import StaticCache
 
         limit = getattr(self.model.config, "max_position_embeddings", None) or total
-        size = max(total, min(limit, max(_MIN_CACHE, 1 << (total - 1).bit_length())))
+        least = max(_MIN_CACHE, _MIN_CACHE_ABSORBED if any(a.enabled for a in self.absorbed) else 0)
+        size = max(total, min(limit, max(least, 1 << (total - 1).bit_length())))
         self._graph = self._output = self._signature = None
         self.cache = None
         try:
