@@ -168,7 +168,7 @@ def test_bad_sizes_raise_before_the_kernel(method, hidden, inter, multiple):
 
 @pytest.mark.parametrize("kw, message", [
     ({"moe_lora": "fast"}, "moe_lora must be one of exact, merged \\(got 'fast'\\)"),
-    ({"method": "fp8"}, "method must be one of bf16, int8, int4 \\(got 'fp8'\\)"),
+    ({"method": "mxfp4"}, "method must be one of bf16, int8, int4, fp8, rawint4 \\(got 'mxfp4'\\)"),
     ({"chunk_size": 0}, "chunk_size must be an integer >= 1 \\(got 0\\)"),
     ({"num_threads": 0}, "num_threads must be an integer >= 1 \\(got 0\\)"),
 ])

@@ -29,7 +29,9 @@ KT_SERVED_BACKENDS = ("huggingface", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
 INFER_DTYPES = ("auto", *COMPUTE_DTYPES)
 MOE_LORA_MODES = ("exact", "merged")
-KT_METHODS = ("bf16", "int8", "int4")
+# kt experts' weight formats: ktchat.experts.kt_backend.METHODS (tests/test_kt_formats.py keeps them equal; this
+# module stays free of torch). int4 is kt's own online INT4; rawint4 Kimi-K2's group-32 INT4 checkpoint.
+KT_METHODS = ("bf16", "int8", "int4", "fp8", "rawint4")
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # load_model checks at load time that the GPU exists
 
@@ -124,7 +126,8 @@ class ModelArgs:
     infer_dtype: str = "auto"  # auto: the checkpoint's own dtype
     kt_num_threads: Optional[int] = None
     moe_lora: Optional[str] = None  # None: the experts backend's default
-    kt_method: Optional[str] = None  # kt experts' weight format; None: bf16
+    kt_method: Optional[str] = None  # experts' weight format; None: the adapter's training format, else bf16
+    kt_weight_path: Optional[str] = None  # KT's pre-converted routed INT8 (default: the adapter's int8_experts)
     merge_peft_lora: bool = False  # fold the compute-device LoRA into its weights after loading
     cuda_graphs: Optional[bool] = None  # None: on wherever everything but the experts sits on one GPU
 
@@ -140,6 +143,7 @@ class ModelArgs:
         _check_int("kt_num_threads", self.kt_num_threads, minimum=1, optional=True)
         _check_choice("moe_lora", self.moe_lora, MOE_LORA_MODES, optional=True)
         _check_choice("kt_method", self.kt_method, KT_METHODS, optional=True)
+        _check_str("kt_weight_path", self.kt_weight_path)
         _check_bool("merge_peft_lora", self.merge_peft_lora)
         _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
         self._check_device()
@@ -182,6 +186,7 @@ class ModelArgs:
         """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike)."""
         return dict(experts_backend=self.resolved_experts_backend, device=self.device, dtype=self.dtype,
                     trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
+                    kt_weight_path=self.kt_weight_path,
                     num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora,
                     cuda_graphs=self.cuda_graphs)
 

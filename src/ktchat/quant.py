@@ -256,6 +256,57 @@ register(QuantFormat(
 ))
 
 
+# ---- int8: KT's pre-converted routed INT8 (kt_kernel's AMXInt8 / INT8_SFT experts), one scale per row ----
+# (added by the kernel side of issue 15; ktchat.kt_weights reads and writes kt_kernel's .kt files)
+
+INT8_MAX = 127.0
+
+
+def _int8_check(q: QuantizedWeight) -> str | None:
+    if q.data.dtype != torch.int8:
+        return f"data dtype {q.data.dtype} is not int8"
+    if tuple(q.data.shape) != q.shape:
+        return f"data shape {list(q.data.shape)} is not the weight's"
+    if q.block[0] != 1:
+        return f"block {list(q.block)}: int8 scales are per row (rows 1)"
+    if q.scale.dtype != torch.float32:
+        return f"scale dtype {q.scale.dtype} is not float32"
+    return _check_scale(q)
+
+
+def _int8_dequantize(q: QuantizedWeight) -> torch.Tensor:
+    return q.data.to(torch.float32) * _expand(q.scale, q.shape, q.block)
+
+
+def _int8_quantize(w: torch.Tensor, block: tuple[int, int]) -> QuantizedWeight:
+    """kt_kernel's own rule, bit for bit (checked against its .kt files): scale = amax * (1/127) in fp32,
+    q = round-half-even(w * (1/scale)); an all-zero row keeps scale 0 and q 0."""
+    w = w.to(torch.float32)
+    amax = _block_amax(w, block)
+    scale = amax * torch.tensor(1.0 / INT8_MAX, dtype=torch.float32)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    data = torch.round(w * _expand(inv, tuple(w.shape), block)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QuantizedWeight("int8", data, scale, block, tuple(w.shape))
+
+
+register(QuantFormat(
+    name="int8",
+    tensors={"data": "weight", "scale": "weight_scale"},
+    data_dtypes=(torch.int8,),
+    check=_int8_check,
+    dequantize=_int8_dequantize,
+    quantize=_int8_quantize,
+    from_tensors=lambda t, block: QuantizedWeight("int8", t["data"], t["scale"], block, tuple(t["data"].shape)),
+    to_tensors=lambda m, q: {f"{m}.weight": q.data, f"{m}.weight_scale": q.scale},
+    doc="KT routed INT8: int8 values, one fp32 scale per row (per row and NUMA slice of the input)",
+))
+
+
+def kt_int8(w: torch.Tensor) -> QuantizedWeight:
+    """What kt_kernel's INT8 experts hold for a weight [out, in] (one scale per row): the math INT8 training ran."""
+    return _int8_quantize(w, (1, w.shape[1]))
+
+
 def quantize(format: str, w: torch.Tensor, block: tuple[int, int]) -> QuantizedWeight:
     """Quantizes an [out, in] weight the way the format's checkpoints are made (round to nearest, scale = block
     max / format max); for tiny checkpoints and export in the base's format."""

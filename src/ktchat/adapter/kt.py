@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .core import ExpertLoRA, Problems
 from .keys import kt_fused_key, parse_kt_fused_key
+from .kt_provenance import Provenance, read_provenance
 from .sources import load_pair
 from ..checkpoint import LORA_DTYPES, st_name
 from .weights import AdapterWeights
@@ -38,6 +39,7 @@ class KTManifest:
     expert_weight_format: str | None
     tensors: dict = field(default_factory=dict)  # the fused file's tensor contract: key -> {shape, dtype}
     expert_modules: dict = field(default_factory=dict)  # proj -> per-expert module template (ktchat's hint)
+    provenance: Provenance | None = None  # training's base and routed-expert weights (kt_provenance)
 
     @property
     def scale(self) -> float:
@@ -83,9 +85,17 @@ def read_manifest(adapter_dir: Path, problems: Problems) -> KTManifest | None:
         problems.add(f"{path}: artifacts must list {FUSED_NAME}")
         return None
     verify_artifacts(path, adapter_dir, artifacts, problems)
-    base = raw.get("base") if isinstance(raw.get("base"), dict) else {}
-    return KTManifest(path, rank, float(alpha), base.get("model_name_or_path"), raw.get("expert_weight_format"),
-                      artifacts[FUSED_NAME].get("tensors") or {}, _module_hint(raw))
+    provenance = read_provenance(path, raw, problems)
+    fused = artifacts[FUSED_NAME]
+    tensors = fused.get("tensors") or {}
+    if not isinstance(tensors, dict):
+        problems.add(f"{path}: artifacts.{FUSED_NAME}.tensors must be an object {{key: {{shape, dtype}}}}")
+        tensors = {}
+    if "tensor_count" in fused and fused["tensor_count"] != len(tensors):
+        problems.add(f"{path}: artifacts.{FUSED_NAME}.tensor_count {fused['tensor_count']!r} but tensors lists "
+                     f"{len(tensors)}")
+    return KTManifest(path, rank, float(alpha), provenance.base.get("model_name_or_path"), provenance.weight_format,
+                      tensors, _module_hint(raw), provenance)
 
 
 def _module_hint(raw: dict) -> dict[str, str]:
@@ -192,8 +202,9 @@ def _check_contract(weights: AdapterWeights, manifest: KTManifest, problems: Pro
 
 
 def write_manifest(out_dir: Path, *, rank: int, alpha: float, base_model: str | None, weight_format: str,
-                   standard_file: str, expert_modules: dict[str, str]) -> Path:
-    """A manifest kt_kernel's loader accepts (version 1, ready, sizes, sha256, fused tensor contract)."""
+                   standard_file: str, expert_modules: dict[str, str], provenance: Provenance | None = None) -> Path:
+    """A manifest kt_kernel's loader accepts (version 1, ready, sizes, sha256, fused tensor contract); with
+    `provenance` (an adapter being converted) its base record and routed-weight fields are kept."""
     fused = AdapterWeights(out_dir / FUSED_NAME)
     contract = {k: {"shape": list(s), "dtype": st_name(fused.dtypes[k])} for k, s in sorted(fused.shapes.items())}
     artifacts = {name: {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
@@ -202,6 +213,13 @@ def write_manifest(out_dir: Path, *, rank: int, alpha: float, base_model: str | 
     payload = {"version": MANIFEST_VERSION, "status": "ready", "expert_weight_format": weight_format,
                "base": {"model_name_or_path": base_model}, "lora": {"rank": rank, "alpha": float(alpha)},
                "artifacts": artifacts, "ktchat": {"expert_modules": expert_modules}}
+    if provenance is not None:
+        payload["base"] = dict(provenance.base) or payload["base"]
+        for key, value in (("non_expert_cache", provenance.non_expert_cache),
+                           (provenance.routed_key, provenance.routed),
+                           ("expert_quantization", provenance.expert_quantization)):
+            if key and value is not None:
+                payload[key] = value
     path = out_dir / MANIFEST_NAME
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import KTChatError
 from .core import GENERIC_EXPERTS, KT_CHANNEL, PEFT_CHANNEL, ExpertPath, Problems
 from .plan import BaseShapes, check_channels, split_channels
+from .kt_provenance import check_base, check_non_expert_cache, check_routed
 from .reader import read_adapter
 
 
@@ -49,7 +50,7 @@ class Report:
 
 
 def inspect_adapter(adapter_dir, *, experts: ExpertPath = GENERIC_EXPERTS, base: BaseShapes | None = None,
-                    expand: bool = False) -> Report:
+                    expand: bool = False, model_dir: Path | None = None) -> Report:
     report = Report(Path(adapter_dir))
     problems = Problems(collect=True)
     try:
@@ -61,7 +62,8 @@ def inspect_adapter(adapter_dir, *, experts: ExpertPath = GENERIC_EXPERTS, base:
         report.problems = problems.found + [str(exc)]
         return report
     _check_values(adapter, peft, routed, problems)
-    report.layout, report.problems, report.notes = adapter.layout, problems.found, _notes(adapter)
+    extra = _check_provenance(adapter.manifest, model_dir, problems)
+    report.layout, report.problems, report.notes = adapter.layout, problems.found, _notes(adapter) + extra
     report.rows = [Row(n, PEFT_CHANNEL, m.rank, m.scale, m.dtype, m.in_features, m.out_features)
                    for n, m in sorted(peft.items())]
     for (layer, proj), g in sorted(routed.items()):
@@ -69,6 +71,20 @@ def inspect_adapter(adapter_dir, *, experts: ExpertPath = GENERIC_EXPERTS, base:
         report.rows += [Row(n, KT_CHANNEL, g.rank, g.scale, g.dtype, g.in_features, g.out_features,
                             1 if expand else g.num_experts) for n in names]
     return report
+
+
+def _check_provenance(manifest, model_dir: Path | None, problems: Problems) -> list[str]:
+    """The manifest's record of training's weights against the files here: the routed-expert set and non-expert
+    cache it names, and (with --model) the base's fingerprint."""
+    if manifest is None or manifest.provenance is None:
+        return []
+    prov, path, notes = manifest.provenance, manifest.path, []
+    if check_routed(prov, path, problems) is not None:
+        notes.append(f"{path.name}: {prov.routed_key} present, manifest sha256 and fingerprint match")
+    notes += [f"{path.name}: {n}" for n in [check_non_expert_cache(prov, path, problems)] if n]
+    if model_dir is not None:
+        notes.append(f"{path.name}: {check_base(prov, path, Path(model_dir), problems)}")
+    return notes
 
 
 def _group_name(g) -> str:
@@ -95,6 +111,6 @@ def _notes(adapter) -> list[str]:
              + f", base_model_name_or_path={adapter.config.raw.get('base_model_name_or_path')}"]
     m = adapter.manifest
     if m is not None:
-        notes.append(f"{m.path.name}: experts rank={m.rank}, alpha={m.alpha:g} (scale {m.scale:g}), expert weights "
-                     f"{m.expert_weight_format}, trained on {m.base_model} (informational: not checked)")
+        notes.append(f"{m.path.name}: experts rank={m.rank}, alpha={m.alpha:g} (scale {m.scale:g})")
+        notes += [f"{m.path.name}: {line}" for line in m.provenance.notes()]
     return notes

@@ -109,7 +109,8 @@ def write_kt(adapter: Adapter, tensors: Tensors, out: Path) -> None:
     old = adapter.manifest
     write_manifest(out, rank=rank, alpha=scale * rank, weight_format=old.expert_weight_format if old else "bf16",
                    base_model=(old.base_model if old else None) or adapter.config.raw.get("base_model_name_or_path"),
-                   standard_file=ADAPTER_FILE, expert_modules=_module_templates(tensors))
+                   standard_file=ADAPTER_FILE, expert_modules=_module_templates(tensors),
+                   provenance=old.provenance if old else None)
 
 
 def write_sglang(adapter: Adapter, tensors: Tensors, out: Path) -> None:

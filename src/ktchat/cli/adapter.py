@@ -61,7 +61,8 @@ def cmd_inspect(args) -> int:
 
         naming = base_naming(Path(args.model))
         experts, base = naming.experts, CheckpointShapes(Path(args.model), naming)
-    report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand)
+    report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand,
+                             model_dir=Path(args.model) if args.model else None)
     print(_report_json(report) if args.json else format_report(report))
     return 1 if report.problems else 0
 

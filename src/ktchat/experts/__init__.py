@@ -26,13 +26,14 @@ def backend_factory(
     if name not in ("auto", *BACKENDS):
         raise KTChatError(f"experts_backend must be one of auto, {', '.join(BACKENDS)} (got {name!r})")
     if name == "auto":
-        use_kt, why = kt_backend.auto_choice()  # imports kt_kernel only now, never at `import ktchat`
+        use_kt, why = kt_backend.auto_choice(kt_method or "bf16")  # imports kt_kernel only now, never at `import ktchat`
         name = "kt" if use_kt else "torch"
         logger.info("experts backend: %s (%s)", name, why)
-    if name == "torch":
-        if kt_method not in (None, "bf16") or num_threads is not None:
-            logger.warning("ignored: kt_method/kt_num_threads apply to the kt experts backend, not torch")
-        return functools.partial(TorchExperts, moe_lora=moe_lora or "exact")
+    if name == "torch":  # int8: KT's INT8 of the weights; fp8/rawint4: the checkpoint's, dequantized exactly
+        if kt_method not in (None, "bf16", "int8", "fp8", "rawint4") or num_threads is not None:
+            logger.warning("ignored: kt_method %s / kt_num_threads apply to the kt experts backend, not torch",
+                           kt_method)
+        return functools.partial(TorchExperts, moe_lora=moe_lora or "exact", kt_int8=kt_method == "int8")
     if moe_lora is None:
         moe_lora = "exact" if kt_backend.unavailable_reason("exact", kt_method or "bf16") is None else "merged"
     options = {"moe_lora": moe_lora, "method": kt_method or "bf16", "num_threads": num_threads}

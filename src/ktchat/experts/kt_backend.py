@@ -24,17 +24,25 @@ import torch
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
 from .base import BoundExperts, ExpertsBackend, ExpertsSpec, huge_page_empty
+from .kt_native import NATIVE_FORMAT, NativeWeights
 from .native_output import captured
 
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "merged")
-METHODS = ("bf16", "int8", "int4")
 # kt_kernel_ext.moe class names per method: inference kernels (first one present wins), SFT kernel with LoRA.
-_INFERENCE = {"bf16": ("AMXBF16_MOE", "AVX2BF16_MOE"), "int8": ("AMXInt8_MOE",), "int4": ("AMXInt4_MOE",)}
-_SFT = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_SFT_MOE"}
+# bf16/int8/int4 take bf16 weights (int8/int4 quantized by the kernel; int8 also KT's pre-converted INT8 as is);
+# fp8 and rawint4 (Kimi-K2's group-32 INT4) run a quantized checkpoint's own bytes (kt_native).
+_INFERENCE = {"bf16": ("AMXBF16_MOE", "AVX2BF16_MOE"), "int8": ("AMXInt8_MOE",), "int4": ("AMXInt4_MOE",),
+              "fp8": ("AMXFP8_MOE", "AVX2FP8_MOE"), "rawint4": ("AMXInt4_KGroup_MOE", "AVX2RawInt4_MOE")}
+_SFT = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_SFT_MOE", "fp8": "AMXFP8_SFT_MOE",
+        "rawint4": "AMXInt4_KGroup_SFT_MOE"}
+METHODS = tuple(_INFERENCE)
+# What KT training records as expert_weight_format (kt_adapter_manifest.json) -> the kt method that runs the same
+# math here; mxfp4 (DeepSeek-V4's native experts) is not run by ktchat.
+TRAINED_METHOD = {"bf16": "bf16", "int8": "int8", "fp8": "fp8", "rawint4": "rawint4"}
 # Weight tiles: sizes that are not multiples crash the bf16 kernel (SIGSEGV) and fail the others at load.
-_ALIGN = {"bf16": 32, "int8": 64, "int4": 128}
+_ALIGN = {"bf16": 32, "int8": 64, "int4": 128, "fp8": 128, "rawint4": 64}
 _M_STEP = 32  # the SFT kernel's row tile; its max_len is rounded up to it
 # With no backward pass, the SFT kernel's transposed-weight and activation-cache buffers can be shared by all layers.
 _SFT_SHARED = {"share_backward_bb": True, "share_cache_pool": True}
@@ -77,7 +85,7 @@ def unavailable_reason(moe_lora: str = "exact", method: str = "bf16") -> str | N
         want = _SFT[method] if moe_lora == "exact" else " or ".join(_INFERENCE[method])
         return (
             f"kt_kernel's '{cpu_variant()}' build for this CPU has no {want} kernel "
-            f"(moe_lora={moe_lora!r}, method={method!r}; the SFT kernels need AMX or AVX512-BF16)"
+            f"(moe_lora={moe_lora!r}, method={method!r}; kt_kernel builds it only for AMX / AVX512-BF16 CPUs)"
         )
     return None
 
@@ -195,7 +203,10 @@ class KTExperts(ExpertsBackend):
         self._pool = cpu_infer(num_threads)
         _live.add(self)
         e = spec.num_experts
-        self.base = {p: huge_page_empty((e, *spec.weight_shape(p)), torch.bfloat16) for p in PROJS}
+        self.base = None if method in ("fp8", "rawint4") else {
+            p: huge_page_empty((e, *spec.weight_shape(p)), torch.bfloat16) for p in PROJS}
+        # fp8 / rawint4 always, int8 when KT's pre-converted INT8 arrives: the quantized bytes, as the kernel takes them
+        self.native = NativeWeights(spec, method) if method in NATIVE_FORMAT else None
         # Everything the kernel keeps a raw pointer to lives on self as long as the kernel does.
         self._gpu_mask = torch.zeros(e, dtype=torch.bool)  # no expert of this layer lives on a GPU
         self._p2l = torch.arange(e, dtype=torch.int64)  # physical -> logical expert id: identity
@@ -205,21 +216,52 @@ class KTExperts(ExpertsBackend):
         self._pending: dict[str, StackedLoRA] = {}
 
     def _store(self, proj, expert, tensor):
+        if self.method in ("fp8", "rawint4"):
+            raise KTChatError(f"layer {self.spec.layer_idx} expert {expert} {proj}_proj: kt_method {self.method} runs "
+                              f"the checkpoint's {NATIVE_FORMAT[self.method]} weights, but this checkpoint's experts "
+                              "are not quantized that way (use kt_method bf16 or int8)")
         self.base[proj][expert].copy_(tensor)
 
+    def load_quantized(self, proj, expert, q, source):
+        """fp8 / rawint4 / KT INT8 bytes go to the kernel as they are; another format is dequantized (the bf16 and
+        online-quantizing kernels take bf16)."""
+        if self.native is None or q.format not in ("fp8", "int4", "int8"):
+            return super().load_quantized(proj, expert, q, source)
+        problem = self.native.accepts(q, proj)
+        if problem and self.method == "int8":  # e.g. an FP8 checkpoint: int8 quantizes its bf16 values
+            return super().load_quantized(proj, expert, q, source)
+        if problem:
+            raise KTChatError(f"{source}: {problem}")
+        self._check_new(proj, expert, q.shape, source)
+        self.native.store(proj, expert, q)
+        self._loaded.add((proj, expert))
+
+    def _bf16_weights(self) -> dict[str, torch.Tensor]:
+        """The bf16 weights [E, out, in]: as loaded, or the native ones dequantized (merged LoRA needs them)."""
+        return self.native.dequantized() if self._runs_native else self.base
+
+    @property
+    def _runs_native(self) -> bool:
+        return self.native is not None and (self.method != "int8" or self.native.complete)
+
     def weight_slot(self, proj, expert):
+        if self.method in ("fp8", "rawint4"):
+            return None
         return None if self.prepared or self.base is None else self.base[proj][expert]
 
     def _prepare(self) -> None:
         self._build()
         if not self.keep_base_weights:
             self.base = None  # the kernel packed its own copy: never hold the experts twice
+            if self.native is not None:
+                self.native.release_sources()
 
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
         self._pending = {p: s for p, s in lora.items() if s.a.shape[1] > 0}
         if not self.prepared:
             return
-        if self.base is None and not self._updates_in_place(self._pending):
+        kept = self.base is not None or (self.native is not None and self.native.complete)
+        if not kept and not self._updates_in_place(self._pending):
             raise KTChatError(
                 f"layer {self.spec.layer_idx}: changing the expert LoRA after the kernel was built needs the base "
                 "weights, which were released (build the backend with keep_base_weights=True, or reload the model)"
@@ -240,22 +282,28 @@ class KTExperts(ExpertsBackend):
         """(Re)creates the kernel for the current LoRA: inference kernel without one or when merged, else SFT."""
         lora = self._pending
         if not lora:
-            self._load_inference(self.base)
+            self._load_inference(None if self._runs_native else self.base)
         elif self.moe_lora == "merged":
-            self._load_inference(_merge(self.base, lora))
+            self._load_inference(_merge(self._bf16_weights(), lora))
         else:
             self._load_sft(lora)
 
-    def _load_inference(self, weights: dict[str, torch.Tensor]) -> None:
+    def _load_inference(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """The inference kernel on bf16 `weights`, or on the native bytes (None). Merged into bf16, a native
+        method's weights run on the bf16 kernel (the quantized kernels take only their own format)."""
         spec = self.spec
-        cls = getattr(self._moe, kernel_class_name("merged", self.method))
+        method = "bf16" if weights is not None and self.method in ("fp8", "rawint4") else self.method
+        cls = getattr(self._moe, kernel_class_name("merged", method))
         cfg = self._moe.MOEConfig(
             spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size, self._gpu_mask.data_ptr()
         )
         cfg.layer_idx = spec.layer_idx
         cfg.pool = self._pool.backend_
         cfg.max_len = self.chunk_size
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
+        if weights is None:
+            self.native.configure(cfg)
+        else:
+            cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
         kernel = self._create(cls, cfg, self._p2l.data_ptr())  # packs (and quantizes) a copy of the weights
         self._kernel, self._kernel_lora, self._kernel_rank = kernel, {}, 0
 
@@ -277,7 +325,10 @@ class KTExperts(ExpertsBackend):
         cfg.max_len = -(-self.chunk_size // _M_STEP) * _M_STEP
         cfg.layer_idx = spec.layer_idx
         cfg.physical_to_logical_map = self._p2l.data_ptr()
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (self.base[p].data_ptr() for p in PROJS)
+        if self._runs_native:
+            self.native.configure(cfg, stacked=self.method == "rawint4")  # the K2 SFT kernel takes stacked tensors
+        else:
+            cfg.gate_proj, cfg.up_proj, cfg.down_proj = (self.base[p].data_ptr() for p in PROJS)
         for name, t in bufs.items():
             setattr(cfg, name, t.data_ptr())
         cfg.pool = self._pool.backend_
@@ -436,11 +487,11 @@ def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[
     return merged
 
 
-def auto_choice() -> tuple[bool, str]:
-    """For experts_backend "auto": kt where one of its bf16 kernels runs on this CPU, else torch; and why."""
-    reason = unavailable_reason("merged", "bf16")
+def auto_choice(method: str = "bf16") -> tuple[bool, str]:
+    """For experts_backend "auto": kt where one of its `method` kernels runs on this CPU, else torch; and why."""
+    reason = unavailable_reason("merged", method)
     if reason:
         return False, reason
-    exact = unavailable_reason("exact", "bf16") is None
+    exact = unavailable_reason("exact", method) is None
     mode = "exact LoRA (SFT kernel)" if exact else "merged LoRA (no SFT kernel in this build)"
-    return True, f"kt_kernel variant '{cpu_variant()}' runs bf16 experts here, {mode}"
+    return True, f"kt_kernel variant '{cpu_variant()}' runs {method} experts here, {mode}"

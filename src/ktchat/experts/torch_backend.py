@@ -18,14 +18,23 @@ class TorchExperts(ExpertsBackend):
 
     name = "torch"
 
-    def __init__(self, spec: ExpertsSpec, *, moe_lora: str = "exact"):
+    def __init__(self, spec: ExpertsSpec, *, moe_lora: str = "exact", kt_int8: bool = False):
         super().__init__(spec)
         if moe_lora not in MODES:
             raise KTChatError(f"torch experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
         self.moe_lora = moe_lora
+        # kt_int8: run KT's INT8 of the loaded weights (quant.kt_int8, dequantized), the math of an adapter trained
+        # on int8 experts; weights that arrive as KT's INT8 already (load_quantized) are taken as they are.
+        self.kt_int8 = kt_int8
+        self._as_int8: set[tuple[str, int]] = set()
         e = spec.num_experts
         self.weights = {p: huge_page_empty((e, *spec.weight_shape(p)), spec.dtype) for p in PROJS}
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def load_quantized(self, proj, expert, q, source):
+        if q.format == "int8":
+            self._as_int8.add((proj, expert))
+        super().load_quantized(proj, expert, q, source)
 
     def _store(self, proj, expert, tensor):
         self.weights[proj][expert].copy_(tensor)
@@ -43,6 +52,13 @@ class TorchExperts(ExpertsBackend):
         self._lora = {p: (s.a.to(dtype), s.b.to(dtype), s.scale) for p, s in lora.items()}
 
     def _prepare(self) -> None:
+        if self.kt_int8:
+            from ..quant import kt_int8
+
+            for proj, w in self.weights.items():
+                for e in range(w.shape[0]):
+                    if (proj, e) not in self._as_int8:
+                        w[e] = kt_int8(w[e]).dequantize(torch.float32).to(w.dtype)
         if self.moe_lora != "merged":
             return
         for proj, (a, b, scale) in self._lora.items():

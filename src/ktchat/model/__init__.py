@@ -29,6 +29,7 @@ def load_model(
     moe_lora: str | None = None,
     kt_method: str | None = None,
     num_threads: int | None = None,
+    kt_weight_path=None,
     device_map=None,
     merge_peft_lora: bool = False,
     cuda_graphs: bool | None = None,
@@ -36,7 +37,9 @@ def load_model(
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
     Returns (model, tokenizer); the model is called like any transformers causal LM. moe_lora ("exact" |
-    "merged"), kt_method ("bf16" | "int8" | "int4") and num_threads tune the CPU experts backend.
+    "merged"), kt_method (bf16, int8, int4, fp8, rawint4; default: the format a KT adapter was trained on, see
+    model.expert_format) and num_threads tune the CPU experts backend; kt_weight_path: KT's pre-converted routed
+    INT8 (default: the adapter manifest's int8_experts), loaded as it is.
     device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
     device_map may also be a dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the
     compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
@@ -45,6 +48,7 @@ def load_model(
     """
     from ..adapter import read_adapter
     from ..experts import backend_factory
+    from . import expert_format
     from .loader import build_skeleton, load_checkpoint, resolve_dtype
     from .placement import check_devices, describe, dispatch, plan_placement
 
@@ -63,9 +67,14 @@ def load_model(
         logger.info("trust_remote_code: the model runs on transformers' native %s (remote code is used for the "
                     "tokenizer only)", config.model_type)
     tokenizer = _read_tokenizer(model_dir, trust_remote_code)
+    fmt = expert_format.resolve(adapter, model_dir, expert_format.checkpoint_scheme(config, model_dir),
+                                experts_backend=experts_backend, kt_method=kt_method, moe_lora=moe_lora,
+                                kt_weight_path=kt_weight_path)
+    experts_backend, kt_method = fmt.experts_backend, fmt.kt_method
     make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads)
 
     skeleton = build_skeleton(config, arch, make_backend, dtype)
+    int8_experts = expert_format.open_int8(fmt.int8_root, skeleton)  # checked before any weight is read
     placement = plan_placement(skeleton.model, device, device_map, dtype)
     plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
     phases = _Phases(start)
@@ -74,7 +83,8 @@ def load_model(
     # Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
     # included) once the experts are read.
     with ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else contextlib.nullcontext() as lora:
-        experts = load_checkpoint(skeleton, model_dir, placement, dtype, before_prepare=lora and lora.wait)
+        experts = load_checkpoint(skeleton, model_dir, placement, dtype, before_prepare=lora and lora.wait,
+                                  routed_int8=int8_experts)
         with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
             dispatch(skeleton.model, placement)
             phases.done("checkpoint but the experts")

@@ -128,7 +128,7 @@ def _aliased(cls: type, alias: str, target: str) -> type:
 
 
 def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype,
-                    before_prepare: Callable[[int], None] | None = None) -> ExpertLoading:
+                    before_prepare: Callable[[int], None] | None = None, routed_int8=None) -> ExpertLoading:
     """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty.
 
     Routed-expert tensors are read by a pool of threads straight from the file into their backend's buffers,
@@ -170,6 +170,8 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     bar = tqdm(total=len(files), desc="Loading weights", unit="tensor", disable=None)
     experts = ExpertLoading(skeleton.moe_blocks, bar, before_prepare)
     with experts.cancel_on_error():
+        if routed_int8 is not None:  # KT's pre-converted INT8 (ktchat.kt_weights) instead of the checkpoint's experts
+            experts.replace_with_kt_int8(routed_int8)
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
         in_place = set()
@@ -264,6 +266,7 @@ class ExpertLoading:
         self._packed: set[int] = set()
         self._lock = threading.Lock()
         self._stopped = False
+        self._replaced = False  # the routed experts come from KT's INT8 (replace_with_kt_int8), not the checkpoint
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(16, len(os.sched_getaffinity(0)) // 2)),
                                         thread_name_prefix="ktchat-load")
         self._futures, self._files = [], {}
@@ -298,8 +301,25 @@ class ExpertLoading:
         self._files = {}
         self._bar.close()
 
+    def replace_with_kt_int8(self, int8) -> None:
+        """Queues the reads of KT's INT8 experts (kt_weights.KTInt8Experts), one layer per task; the checkpoint's
+        own expert tensors are then skipped unread."""
+        def read(layer: int) -> None:
+            backend = self._blocks[layer].cpu_experts.backend
+            for e in range(backend.spec.num_experts):
+                for proj in ("gate", "up", "down"):
+                    where = f"{int8.root}: layer {layer} expert {e} {proj}_proj"
+                    backend.load_quantized(proj, e, int8.weight(layer, e, proj), where)
+                    self._arrived(layer)
+
+        self._replaced = True
+        self._futures += [self._pool.submit(read, layer) for layer in sorted(self._blocks)]
+
     def read_into_slot(self, header: Header, name: str, layer: int, expert: int, proj: str, where: str) -> bool:
         """Queues the read of one tensor into its slot; False where it needs converting (load it instead)."""
+        if self._replaced:
+            self._bar.update(1)
+            return True  # replaced by KT's INT8: skipped
         backend = self._blocks[layer].cpu_experts.backend
         slot = backend.weight_slot(proj, expert)
         entry = header.tensors.get(name)
@@ -313,10 +333,14 @@ class ExpertLoading:
         return True
 
     def load(self, layer: int, expert: int, proj: str, tensor: torch.Tensor, where: str) -> None:
+        if self._replaced:
+            return
         self._blocks[layer].cpu_experts.backend.load_weight(proj, expert, tensor, where)
         self._arrived(layer)
 
     def load_quantized(self, layer: int, expert: int, proj: str, q, where: str) -> None:
+        if self._replaced:
+            return
         self._blocks[layer].cpu_experts.backend.load_quantized(proj, expert, q, where)
         self._arrived(layer)
 
