@@ -12,6 +12,8 @@ variant is its dequantized base with every LoRA merged by hand (tests/reference.
   partial blocks on both sides.
 - kimi_k2-int4: Kimi-K2-Thinking's compressed-tensors "pack-quantized" INT4, group 32, routed experts only (its
   `ignore` list), under Kimi's config.json (model_type kimi_k2, DeepSeek-V3's architecture).
+- kimi_k25-int4: the same on the tiny Kimi-K2.5 VLM (model.language_model.*, a vision tower and projector, which
+  its `ignore` list leaves unquantized as K2.5's does).
 
 A sub-package of tinymodels so its sources do not enter the families' cache stamps (their hash covers
 tinymodels/*.py): editing this file rebuilds the variants, not the trained families.
@@ -57,20 +59,22 @@ def _fp8_config(block) -> dict:
                                     "weight_block_size": list(block)}}
 
 
-def _kimi_config(group: int) -> dict:
+def _compressed_tensors(group: int, ignore: list[str]) -> dict:
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
                "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "kv_cache_scheme": None, "ignore": list(ignore),
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                          "weights": weights}}}
+
+
+def _kimi_config(group: int) -> dict:
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                      "AutoModel": "modeling_deepseek.DeepseekV3Model",
                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
-        "quantization_config": {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "kv_cache_scheme": None, "ignore": list(_KIMI_IGNORE),
-            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
-                                          "output_activations": None, "weights": weights}},
-        },
+        "quantization_config": _compressed_tensors(group, _KIMI_IGNORE),
     }
 
 
@@ -78,6 +82,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("deepseek_v3-fp8", "deepseek_v3", "fp8", (128, 128), False, _fp8_config((128, 128))),
     Variant("deepseek_v3-fp8-edge", "deepseek_v3", "fp8", (48, 80), False, _fp8_config((48, 80))),
     Variant("kimi_k2-int4", "deepseek_v3", "int4", (1, 32), True, _kimi_config(32)),
+    Variant("kimi_k25-int4", "kimi_k25", "int4", (1, 32), True,
+            {"quantization_config": _compressed_tensors(32, _KIMI_IGNORE + ["re:.*vision_tower.*", "re:.*mm_projector.*"])}),
 )}
 
 
