@@ -80,7 +80,8 @@ class ExpertsBackend(ABC):
         errors. The default dequantizes exactly (fp32, then cast to spec.dtype) and goes through load_weight:
         the reference path, holding the experts in spec.dtype. A backend whose kernels run the native format
         overrides this to keep q's bytes (CPU memory about q.nbytes) and refuses, naming `source`, a format it
-        cannot run rather than converting it silently."""
+        cannot run rather than converting it silently. The loader calls it on its loading threads, concurrently
+        for distinct projections of a layer."""
         if tuple(q.shape) != self.spec.weight_shape(proj):
             self._check_new(proj, expert, q.shape, source)
         self.load_weight(proj, expert, q.dequantize(torch.float32).to(self.spec.dtype), source)

@@ -180,6 +180,16 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
             header = checkpoint.headers[files[name]]
             if experts.read_into_slot(header, name, *expert_keys[module_of[name]], f"{files[name].name}: {name}"):
                 in_place.add(name)
+        # quantized routed experts: each projection's weight and scales read on the loading threads, then handed
+        # to the backend there (backend.load_quantized)
+        threaded = {m: arch.module_name(f"{m}.weight") for m in layout.modules}
+        threaded = {m: key for m, key in threaded.items() if key in expert_keys}
+        for module in sorted(threaded, key=lambda m: expert_keys[threaded[m]]):
+            names = layout.modules[module].names
+            parts = {role: (checkpoint.headers[files[n]], n) for role, n in names.items()}
+            experts.read_quantized(layout, module, parts, *expert_keys[threaded[module]],
+                                   f"{files[names['data']].name}: {module}")
+            loaded.add(threaded[module])
         experts.pack_after_reads()
         for file, names in by_file.items():
             try:
@@ -190,15 +200,14 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
                 for name in names:
                     where, key = f"{file.name}: {name}", module_of[name]
                     if name in layout.member:
+                        if layout.member[name] in threaded:
+                            continue
                         done = quantized.add(name, f, where)
                         if done is None:
                             continue
                         module, q, parts = done
                         key, where = arch.module_name(f"{module}.weight"), f"{file.name}: {module}"
-                        if key in expert_keys:
-                            experts.load_quantized(*expert_keys[key], q, where)
-                            bar.update(parts - 1)
-                        elif key in tensors:
+                        if key in tensors:
                             target = torch.float32 if key in keep_fp32 else dtype
                             w = _dequantized_on(q, where_is(key))
                             _assign(model, key, tensors[key], w, where_is(key), target, where)
@@ -352,7 +361,33 @@ class ExpertLoading:
                 raise KTChatError(f"{file}: cannot open checkpoint shard ({exc.strerror or exc})") from None
         return self._files[file]
 
+    def read_quantized(self, layout: QuantLayout, module: str, parts: dict[str, tuple[Header, str]], layer: int,
+                       expert: int, proj: str, where: str) -> None:
+        """Queues the read of one quantized expert projection (its tensors by role: (header, name), from any shard)
+        and its hand-over to the backend, both on a loading thread; its buffers are allocated there, one
+        projection at a time."""
+        reads = [(role, self._fd(header.path), header.data_start + header.tensors[name].start, header.tensors[name])
+                 for role, (header, name) in parts.items()]
+        self._futures.append(self._pool.submit(self._read_quantized, layout, module, reads, layer, expert, proj,
+                                               where))
+
+    def _read_quantized(self, layout, module, reads, layer, expert, proj, where) -> None:
+        tensors = {}
+        for role, fd, offset, entry in reads:
+            tensors[role] = torch.empty(entry.shape, dtype=entry.dtype.torch)
+            self._read_bytes(fd, offset, tensors[role], where)
+        q = layout.assemble(module, tensors, where)
+        self._blocks[layer].cpu_experts.backend.load_quantized(proj, expert, q, where)
+        with self._lock:
+            self._bar.update(len(reads) - 1)
+        self._arrived(layer)
+
     def _read(self, fd: int, offset: int, slot: torch.Tensor, layer: int, where: str) -> None:
+        self._read_bytes(fd, offset, slot, where)
+        self._arrived(layer)
+
+    @staticmethod
+    def _read_bytes(fd: int, offset: int, slot: torch.Tensor, where: str) -> None:
         view = memoryview((ctypes.c_char * slot.nbytes).from_address(slot.data_ptr())).cast("B")
         done = 0
         while done < len(view):
@@ -360,7 +395,6 @@ class ExpertLoading:
             if n <= 0:
                 raise KTChatError(f"{where}: the file ends inside this tensor")
             done += n
-        self._arrived(layer)
 
     def _arrived(self, layer: int) -> None:
         with self._lock:
