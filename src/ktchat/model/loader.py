@@ -366,6 +366,9 @@ class ExpertLoading:
         """Queues the read of one quantized expert projection (its tensors by role: (header, name), from any shard)
         and its hand-over to the backend, both on a loading thread; its buffers are allocated there, one
         projection at a time."""
+        if self._replaced:  # replaced by KT's INT8: skipped
+            self._bar.update(len(parts))
+            return
         reads = [(role, self._fd(header.path), header.data_start + header.tensors[name].start, header.tensors[name])
                  for role, (header, name) in parts.items()]
         self._futures.append(self._pool.submit(self._read_quantized, layout, module, reads, layer, expert, proj,
