@@ -117,6 +117,7 @@ def test_layouts_are_the_shipped_ones(qfam):
         for m in packed:
             rows, cols = stored[f"{m}.weight_shape"].tolist()
             assert stored[f"{m}.weight_packed"].dtype == torch.int32
+            assert stored[f"{m}.weight_shape"].dtype == torch.int64  # as compressed-tensors writes it
             assert tuple(stored[f"{m}.weight_packed"].shape) == (rows, cols // 8)
             assert tuple(stored[f"{m}.weight_scale"].shape) == (rows, cols // 32)
 
@@ -231,6 +232,19 @@ BAD = {  # case -> (base, tensor edit, config edit, message)
     "gptq": (_int4, None, lambda c: c["quantization_config"].update(quant_method="gptq"),
              r"quant_method 'gptq' is not supported \(supported: fp8, compressed-tensors\)"),
 }
+
+
+def test_int4_weight_shape_stored_as_int32_loads_too(tmp_path):
+    paths = _int4(tmp_path)
+
+    def as_int32(t):
+        for k in [k for k in t if k.endswith(".weight_shape")]:
+            t[k] = t[k].to(torch.int32)
+
+    model_dir = copy_base(paths.model, tmp_path / "i32", as_int32)
+    model, _ = load_model(model_dir, paths.adapter, experts_backend="torch", dtype="float32", device="cpu")
+    ids = random_prompt(60)
+    assert rel_err(logits(model, ids), logits(_merged(paths, "merged-all"), ids)) < FP32_BOUND
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

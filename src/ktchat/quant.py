@@ -9,7 +9,7 @@ module's tensors as they are on disk and dequantizes them exactly: in fp32, then
   block, edge blocks partial (kv_a_proj_with_mqa's 576 rows).
 - "int4": compressed-tensors "pack-quantized" (Kimi-K2-Thinking / K2.5): `<m>.weight_packed` int32
   [out, ceil(in/8)], eight 4-bit values per word, value j of a word in bits 4j..4j+3, stored as q + 8 (q signed,
-  -8..7); `<m>.weight_scale` [out, ceil(in/g)] (g = group_size, 32); `<m>.weight_shape` int32 [2] = (out, in).
+  -8..7); `<m>.weight_scale` [out, ceil(in/g)] (g = group_size, 32); `<m>.weight_shape` int64 [2] = (out, in).
   Symmetric: value = q * scale of its group.
 
 Other formats (KT's pre-converted routed INT8) join with `register`; every list of formats or suffixes is derived
@@ -250,8 +250,8 @@ register(QuantFormat(
     dequantize=_int4_dequantize,
     quantize=_int4_quantize,
     from_tensors=_int4_from_tensors,
-    to_tensors=lambda m, q: {f"{m}.weight_packed": q.data, f"{m}.weight_scale": q.scale,
-                             f"{m}.weight_shape": torch.tensor(q.shape, dtype=torch.int32)},
+    to_tensors=lambda m, q: {f"{m}.weight_packed": q.data, f"{m}.weight_scale": q.scale,  # shape as compressed-
+                             f"{m}.weight_shape": torch.tensor(q.shape, dtype=torch.int64)},  # tensors writes it
     doc="compressed-tensors pack-quantized: signed 4-bit, 8 per int32, one scale per group of the input dim",
 ))
 
