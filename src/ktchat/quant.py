@@ -138,7 +138,7 @@ def _check_scale(q: QuantizedWeight) -> str | None:
 def _block_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """max |w| of each block, [ceil(out/rows), ceil(in/cols)] (partial edge blocks padded with zeros)."""
     gr, gc = blocks(tuple(w.shape), block)
-    padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float32)
+    padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float32, device=w.device)
     padded[: w.shape[0], : w.shape[1]] = w.abs()
     return padded.view(gr, block[0], gc, block[1]).amax(dim=(1, 3))
 
@@ -204,7 +204,7 @@ def _int4_check(q: QuantizedWeight) -> str | None:
 
 def _unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int32 [out, words] -> signed int values [out, cols] (int32)."""
-    shifts = torch.arange(0, 4 * INT4_PER_WORD, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 4 * INT4_PER_WORD, 4, dtype=torch.int32, device=packed.device)
     nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift, then mask: sign bits fall away
     return nibbles.flatten(1)[:, :cols] - INT4_OFFSET
 
@@ -213,9 +213,9 @@ def _pack_int4(values: torch.Tensor) -> torch.Tensor:
     """signed int values [out, cols] in -8..7 -> int32 [out, ceil(cols/8)] (padding stored as 0)."""
     out, cols = values.shape
     words = math.ceil(cols / INT4_PER_WORD)
-    u = torch.zeros(out, words * INT4_PER_WORD, dtype=torch.int64)
+    u = torch.zeros(out, words * INT4_PER_WORD, dtype=torch.int64, device=values.device)
     u[:, :cols] = values.to(torch.int64) + INT4_OFFSET
-    shifts = torch.arange(0, 4 * INT4_PER_WORD, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 4 * INT4_PER_WORD, 4, dtype=torch.int64, device=values.device)
     word = (u.view(out, words, INT4_PER_WORD) << shifts).sum(-1)  # disjoint bits: sum == or
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 

@@ -79,3 +79,13 @@ def test_backend_default_load_quantized_is_exact_dequant():
     assert torch.equal(b.weights["gate"][0], q.dequantize())
     with pytest.raises(KTChatError, match="does not fit the model config"):
         b.load_quantized("down", 0, q, "x.down_proj.weight")
+
+
+@pytest.mark.parametrize("fmt,block", [("fp8", (8, 16)), ("int4", (1, 32))])
+def test_dequantize_on_the_weights_device(fmt, block):
+    """The loader dequantizes non-expert weights where they live (the GPU); every helper tensor follows the data
+    (meta stands in for a device here: a CPU helper tensor would not combine with it)."""
+    q = quant.quantize(fmt, torch.randn(24, 64), block)
+    moved = QuantizedWeight(q.format, q.data.to("meta"), q.scale.to("meta"), q.block, q.shape)
+    w = moved.dequantize()
+    assert w.device.type == "meta" and tuple(w.shape) == (24, 64)
