@@ -23,7 +23,7 @@ from ktchat.model.export import export_merged
 from ktchat.tinymodels import build_tiny
 from ktchat.tinymodels.quantized import VARIANTS, build_quantized
 
-from reference import (dequantize_by_hand, greedy, load_reference, logits, merge_by_hand, random_prompt,
+from reference import (DEVICE, dequantize_by_hand, greedy, load_reference, logits, merge_by_hand, random_prompt,
                        read_checkpoint, rel_err)
 from tolerances import FP32_BOUND
 
@@ -68,7 +68,7 @@ def qfam(request):
 
 @pytest.fixture(scope="module")
 def kt_fp32(qfam):
-    return load_model(qfam.paths.model, qfam.paths.adapter, experts_backend="torch", dtype="float32", device="cpu")[0]
+    return load_model(qfam.paths.model, qfam.paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)[0]
 
 
 def copy_base(src: Path, out: Path, edit=None, config=None) -> Path:
@@ -139,7 +139,7 @@ def test_logits_and_greedy_equal_dequantized_reference(qfam, kt_fp32):
 
 def test_dropping_expert_lora_breaks_the_match(qfam):
     model, _ = load_model(qfam.paths.model, qfam.paths.adapter, experts_backend="torch", dtype="float32",
-                          device="cpu")
+                          device=DEVICE)
     for block in offloaded_blocks(model).values():
         block.experts.backend.set_lora({})
     for ids in qfam.prompts:
@@ -160,7 +160,7 @@ def test_fp8_bytes_as_if_unscaled_fail_the_reference(tmp_path):
             t[k] = torch.ones_like(t[k])
 
     model_dir = copy_base(paths.model, tmp_path / "unscaled", unscaled)
-    model, _ = load_model(model_dir, paths.adapter, experts_backend="torch", dtype="float32", device="cpu")
+    model, _ = load_model(model_dir, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     ids = random_prompt(60)
     assert rel_err(logits(model, ids), logits(reference, ids)) > 0.1
 
@@ -242,7 +242,7 @@ def test_int4_weight_shape_stored_as_int32_loads_too(tmp_path):
             t[k] = t[k].to(torch.int32)
 
     model_dir = copy_base(paths.model, tmp_path / "i32", as_int32)
-    model, _ = load_model(model_dir, paths.adapter, experts_backend="torch", dtype="float32", device="cpu")
+    model, _ = load_model(model_dir, paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
     ids = random_prompt(60)
     assert rel_err(logits(model, ids), logits(_merged(paths, "merged-all"), ids)) < FP32_BOUND
 
@@ -287,7 +287,7 @@ def test_export_default_is_bf16_and_loads_in_ktchat(qfam, tmp_path):
     assert not any(k.endswith(("_scale_inv", "_packed", "_scale", "_shape")) for k in got)
     assert {t.dtype for k, t in got.items() if k.endswith("_proj.weight")} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    model, _ = load_model(out, None, experts_backend="torch", dtype="float32", device="cpu")
+    model, _ = load_model(out, None, experts_backend="torch", dtype="float32", device=DEVICE)
     ids = qfam.prompts[0]
     assert rel_err(logits(model, ids), logits(qfam.reference, ids)) < 2e-2  # one bf16 rounding of every weight
 
@@ -317,13 +317,13 @@ def test_export_in_base_format_requantizes_only_what_has_lora(qfam, tmp_path):
             assert ((w - ref).abs() <= step * 0.5 * (1 + 1e-4) + 1e-7)[inside].all(), module
         changed += not torch.equal(got[key], src[key])
     assert changed  # the LoRA did move weights onto other grid points
-    model, _ = load_model(out, None, experts_backend="torch", dtype="float32", device="cpu")
+    model, _ = load_model(out, None, experts_backend="torch", dtype="float32", device=DEVICE)
     assert torch.isfinite(logits(model, qfam.prompts[0])).all()
 
 
 def test_convert_to_kt_loads_on_the_quantized_base(qfam, kt_fp32, tmp_path):
     convert(qfam.paths.adapter, tmp_path / "kt", "kt")
-    model, _ = load_model(qfam.paths.model, tmp_path / "kt", experts_backend="torch", dtype="float32", device="cpu")
+    model, _ = load_model(qfam.paths.model, tmp_path / "kt", experts_backend="torch", dtype="float32", device=DEVICE)
     ids = qfam.prompts[0]
     assert rel_err(logits(model, ids), logits(qfam.reference, ids)) < FP32_BOUND
 
@@ -358,7 +358,7 @@ def test_kt_bf16_experts_on_a_quantized_base_match_the_reference(qfam):
 
     if reason := unavailable_reason("exact", "bf16"):
         pytest.skip(reason)
-    model, _ = load_model(qfam.paths.model, qfam.paths.adapter, experts_backend="kt", dtype="float32", device="cpu",
+    model, _ = load_model(qfam.paths.model, qfam.paths.adapter, experts_backend="kt", dtype="float32", device=DEVICE,
                           moe_lora="exact", kt_method="bf16")
     for ids in qfam.prompts[:2]:
         assert rel_err(logits(model, ids), logits(qfam.reference, ids)) < KT_BF16_BOUND
