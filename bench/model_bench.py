@@ -6,6 +6,7 @@ are random.
     python bench/model_bench.py --layers 27 --out /tmp/bench            # the whole table
     python bench/model_bench.py --layers 4 --variants hf kt-exact kt-exact-eager
     python bench/model_bench.py --family glm4_moe --variants hf-peft kt-exact --json /tmp/glm.json
+    python bench/model_bench.py --prefill-lengths 512 2048 8192 --variants hf-peft kt-exact kt-exact-gpu   # GPU prefill
 
 Each variant runs in its own process (clean CPU/GPU memory peaks); the parent prints medians and ratios.
 """
@@ -89,6 +90,10 @@ VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix s
     "kt-noadapter": ("ktchat-base", KT),
     "kt-noadapter-int8": ("ktchat-base", dict(KT, kt_method="int8")),
     "torch": ("ktchat", {"experts_backend": "torch"}),
+    # GPU prefill (routed experts streamed to the GPU for long prompts; kt keeps its bf16 weights for it)
+    "kt-exact-gpu": ("ktchat", dict(KT, moe_lora="exact", gpu_prefill_tokens="auto")),
+    "kt-merged-bf16-gpu": ("ktchat", dict(KT, moe_lora="merged", gpu_prefill_tokens="auto")),
+    "kt-merged-int8-gpu": ("ktchat", dict(KT, moe_lora="merged", kt_method="int8", gpu_prefill_tokens="auto")),
 }
 
 
@@ -322,6 +327,100 @@ def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens:
     }
 
 
+def run_prefill(name: str, root: Path, family: str, lengths: list[int], repeats: int) -> dict:
+    """Prefill only, at each prompt length (medians); with GPU prefill also the pinned copy rate measured here (the
+    link floor) and the logits of the GPU path against the CPU experts' on the same model and prompt."""
+    import torch
+
+    engine, kwargs = variant(name)
+    torch.cuda.synchronize()
+    import_s = timed(lambda: import_engine(engine, family))
+    load_s = timed(lambda: globals().__setitem__("_model", load(engine, root, kwargs)))
+    model = globals().pop("_model")
+    gen = torch.Generator().manual_seed(0)
+    result = {"variant": name, "load_s": load_s, "import_s": import_s, "prefill": {}}
+    with torch.no_grad():
+        model(torch.randint(0, 100000, (1, 64), generator=gen).cuda())  # warm-up
+        for n in lengths:
+            ids = torch.randint(0, 100000, (1, n), generator=gen).cuda()
+            model(ids)  # warm-up at this length (allocator, kernels)
+            runs = [timed(lambda: model(ids)) for _ in range(repeats)]
+            result["prefill"][str(n)] = {"tok_s": n / statistics.median(runs), "s": runs}
+        if engine == "ktchat" and kwargs.get("gpu_prefill_tokens") not in (None, "off"):
+            result.update(gpu_prefill_check(model, gen))
+    result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["cpu_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def gpu_prefill_check(model, gen, check_tokens: int = 2048) -> dict:
+    """The copy rate the floor is judged by, the streamer's figures, and GPU-path logits vs the CPU experts'."""
+    import torch
+
+    from ktchat.experts.gpu_prefill import copy_bandwidth
+    from ktchat.model import offloaded_blocks
+
+    blocks = offloaded_blocks(model).values()
+    streamer, tokens = next(iter(blocks)).streamed
+    bw = max(copy_bandwidth(streamer.device, 1 << 30) for _ in range(3))
+    ids = torch.randint(0, 100000, (1, check_tokens), generator=gen).cuda()
+    layer = sorted(offloaded_blocks(model))[len(blocks) // 2]
+    seen, stream = {}, streamer.forward
+    streamer.forward = lambda i, *a: (seen.setdefault(i, a), stream(i, *a))[1]  # keeps one layer's inputs
+    gpu = model(ids).logits.float()
+    del streamer.forward
+    for b in blocks:
+        b.streamed = (streamer, 1 << 40)  # everything on the CPU experts
+    cpu = model(ids).logits.float()
+    for b in blocks:
+        b.streamed = (streamer, tokens)
+    err = ((gpu - cpu).norm() / cpu.norm()).item()
+    one = one_layer_errors(offloaded_blocks(model)[layer], streamer, seen[layer])
+    return {**one, "check_layer": layer,"threshold_tokens": tokens, "pinned_copy_gbs": bw / 1e9, "expert_bytes": streamer.host_bytes,
+            "group": streamer.group, "num_experts": streamer.num_experts, "slot_gib": streamer.slot_bytes / 2**30,
+            "floor_s": streamer.host_bytes / bw, "check_tokens": check_tokens, "gpu_vs_cpu_experts_rel_err": err,
+            "greedy_last_equal": bool((gpu[0, -1].argmax() == cpu[0, -1].argmax()).item())}
+
+
+def one_layer_errors(block, streamer, inputs) -> dict:
+    """One layer's routed experts on a real prompt's hidden states, against the same layer in fp32 (bf16 weights
+    upcast, LoRA merged in fp32 on the GPU): the GPU path's error beside the CPU kernel's."""
+    import torch
+
+    from ktchat.experts.base import HostExperts
+    from ktchat.experts.gpu_prefill import StreamedExperts
+
+    x, ids, w = inputs
+    backend = block.cpu_experts.backend
+    host = backend.host_experts()
+    fp32 = HostExperts({p: t.float() for p, t in host.weights.items()}, host.lora, merge=True)
+    want = StreamedExperts({block.layer_idx: fp32}, streamer.device, 8 << 30).forward(block.layer_idx, x.float(), ids, w)
+    gpu = streamer.forward(block.layer_idx, x, ids, w).float()
+    cpu = backend.forward(x.cpu(), ids.cpu(), w.cpu()).float().to(want.device)
+    rel = lambda got: ((got - want).norm() / want.norm()).item()  # noqa: E731
+    return {"layer_gpu_vs_fp32": rel(gpu), "layer_cpu_kernel_vs_fp32": rel(cpu)}
+
+
+def prefill_report(rows: list[dict], lengths: list[int]) -> None:
+    floor = next((r["floor_s"] for r in rows if "floor_s" in r), None)
+    head = " | ".join(f"{n} tok/s" for n in lengths)
+    print(f"\n| variant | {head} | load s |\n|---|" + "---|" * len(lengths) + "---|")
+    for r in rows:
+        cells = " | ".join(f"{r['prefill'][str(n)]['tok_s']:,.0f}" for n in lengths)
+        print(f"| {r['variant']} | {cells} | {r['load_s']:.1f} |")
+    if floor:
+        cells = " | ".join(f"{n / floor:,.0f}" for n in lengths)
+        print(f"| link floor (expert bytes / pinned copy rate) | {cells} | |")
+    for r in rows:
+        if "floor_s" in r:
+            print(f"{r['variant']}: threshold {r['threshold_tokens']} tokens, {r['expert_bytes'] / 1e9:.1f} GB experts, "
+                  f"pinned {r['pinned_copy_gbs']:.1f} GB/s, floor {r['floor_s']:.3f} s, groups of {r['group']}/"
+                  f"{r['num_experts']}; GPU vs CPU experts at {r['check_tokens']} tokens: rel err "
+                  f"{r['gpu_vs_cpu_experts_rel_err']:.2e}, last greedy equal {r['greedy_last_equal']}; layer "
+                  f"{r['check_layer']} vs fp32: GPU {r['layer_gpu_vs_fp32']:.2e}, CPU kernel {r['layer_cpu_kernel_vs_fp32']:.2e}; "
+                  + ", ".join(f"{n}: {n / r['prefill'][str(n)]['tok_s'] / r['floor_s']:.2f}x floor" for n in lengths))
+
+
 def decode_breakdown(static, repeats: int = 20) -> dict:
     """Where a graphed decode token goes: the graph alone (GPU work + CPU experts inside), and the CPU experts
     alone (every layer's bound task run from the host on the same buffers)."""
@@ -374,12 +473,16 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--json", type=Path, help="also write the config, bandwidth and rows here")
     ap.add_argument("--resume", action="store_true", help="keep the results of variants already measured here")
+    ap.add_argument("--prefill-lengths", type=int, nargs="+", help="prefill only, at these prompt lengths")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON on stdout
     args = ap.parse_args()
     args.layers = model_config(args.family, args.layers)["num_hidden_layers"]
     root = args.out / f"{FAMILIES[args.family][0]}-{args.layers}l-r{args.rank}"
     if args.run:  # JSON to a file: kt_kernel prints to stdout at exit
-        result = run_variant(args.run, root, args.family, args.prompt, args.new_tokens, args.repeats)
+        if args.prefill_lengths:
+            result = run_prefill(args.run, root, args.family, args.prefill_lengths, args.repeats)
+        else:
+            result = run_variant(args.run, root, args.family, args.prompt, args.new_tokens, args.repeats)
         (root / f"result-{args.run}.json").write_text(json.dumps(result))
         return
     start = time.perf_counter()
@@ -398,16 +501,17 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--family", args.family, "--layers", str(args.layers),
                "--rank", str(args.rank),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               "--run", name]
+               "--run", name] + (["--prefill-lengths", *map(str, args.prefill_lengths)] if args.prefill_lengths else [])
         # Every variant runs in the process environment the ktchat command gives itself (huge pages, OpenMP).
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **wanted_environment()})
         if proc.returncode:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
         rows.append(json.loads((root / f"result-{name}.json").read_text()))
-        said = [line for line in proc.stderr.splitlines() if "loaded " in line or "CUDA graph" in line]
+        said = [line for line in proc.stderr.splitlines() if "loaded " in line or "CUDA graph" in line
+                or "GPU prefill" in line]
         print("\n".join(said + [json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f}s)"]), flush=True)
-    report(rows, args, bw)
+    prefill_report(rows, args.prefill_lengths) if args.prefill_lengths else report(rows, args, bw)
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "family": args.family, "layers": args.layers,
                                          "parameters": params, "config": model_config(args.family, args.layers),

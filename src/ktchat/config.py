@@ -130,6 +130,11 @@ class ModelArgs:
     kt_weight_path: Optional[str] = None  # KT's pre-converted routed INT8 (default: the adapter's int8_experts)
     merge_peft_lora: bool = False  # fold the compute-device LoRA into its weights after loading
     cuda_graphs: Optional[bool] = None  # None: on wherever everything but the experts sits on one GPU
+    # GPU prefill (model.moe.enable_gpu_prefill): prompts from this many tokens run the routed experts on the GPU;
+    # auto: from the link and CPU rates measured at load; off (YAML's bare off is false); None: auto where the
+    # experts backend shares its host copy (torch), off for kt (auto or N keeps kt's bf16 weights: more host memory)
+    gpu_prefill_tokens: Any = None
+    gpu_prefill_gib: Optional[float] = None  # GPU memory for the two streamed weight slots; None: 4 GiB
 
     def __post_init__(self):
         _check_str("model_name_or_path", self.model_name_or_path, optional=False)
@@ -146,6 +151,7 @@ class ModelArgs:
         _check_str("kt_weight_path", self.kt_weight_path)
         _check_bool("merge_peft_lora", self.merge_peft_lora)
         _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
+        self._check_gpu_prefill()
         self._check_device()
         self._check_kt()
 
@@ -165,6 +171,14 @@ class ModelArgs:
         if self.cuda_graphs and self.device == "cpu":
             raise KTChatError("cuda_graphs: true needs a CUDA device, but device is cpu: set cuda_graphs: false or "
                               "leave it out")
+
+    def _check_gpu_prefill(self) -> None:
+        tokens = "off" if self.gpu_prefill_tokens is False else self.gpu_prefill_tokens
+        if tokens not in (None, "auto", "off") and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            _fail("gpu_prefill_tokens", tokens, "auto, off or an integer >= 1")
+        object.__setattr__(self, "gpu_prefill_tokens", tokens)
+        if self.gpu_prefill_gib is not None:
+            _check_number("gpu_prefill_gib", self.gpu_prefill_gib, 0, low_open=True)
 
     def _check_kt(self) -> None:
         """use_kt means our CPU experts inside transformers, so it cannot combine with another engine."""
@@ -188,7 +202,8 @@ class ModelArgs:
                     trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
                     kt_weight_path=self.kt_weight_path,
                     num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora,
-                    cuda_graphs=self.cuda_graphs)
+                    cuda_graphs=self.cuda_graphs, gpu_prefill_tokens=self.gpu_prefill_tokens,
+                    gpu_prefill_gib=self.gpu_prefill_gib)
 
     @property
     def dtype(self) -> Optional[str]:

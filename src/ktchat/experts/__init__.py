@@ -20,9 +20,11 @@ BACKENDS: dict[str, type[ExpertsBackend]] = {"torch": TorchExperts, "kt": KTExpe
 
 
 def backend_factory(
-    name: str = "auto", *, moe_lora: str | None = None, kt_method: str | None = None, num_threads: int | None = None
+    name: str = "auto", *, moe_lora: str | None = None, kt_method: str | None = None, num_threads: int | None = None,
+    keep_host_weights: bool = False,
 ) -> Callable[[ExpertsSpec], ExpertsBackend]:
-    """Maps "auto" | "torch" | "kt" and its options to a per-layer backend constructor; says which, and why."""
+    """Maps "auto" | "torch" | "kt" and its options to a per-layer backend constructor; says which, and why.
+    keep_host_weights: kt keeps its bf16 weights beside the kernel's packed copy (for GPU prefill)."""
     if name not in ("auto", *BACKENDS):
         raise KTChatError(f"experts_backend must be one of auto, {', '.join(BACKENDS)} (got {name!r})")
     if name == "auto":
@@ -36,7 +38,8 @@ def backend_factory(
         return functools.partial(TorchExperts, moe_lora=moe_lora or "exact", kt_int8=kt_method == "int8")
     if moe_lora is None:
         moe_lora = "exact" if kt_backend.unavailable_reason("exact", kt_method or "bf16") is None else "merged"
-    options = {"moe_lora": moe_lora, "method": kt_method or "bf16", "num_threads": num_threads}
+    options = {"moe_lora": moe_lora, "method": kt_method or "bf16", "num_threads": num_threads,
+               "keep_base_weights": keep_host_weights}
     reason = kt_backend.unavailable_reason(options["moe_lora"], options["method"])
     if reason:
         raise KTChatError(f"experts_backend kt: {reason}")

@@ -31,6 +31,20 @@ class ExpertsSpec:
         return (h, i) if proj == "down" else (i, h)
 
 
+@dataclass(frozen=True)
+class HostExperts:
+    """One layer's routed experts as a backend holds them on the host ([E, out, in] per projection), with the LoRA
+    still to apply: unmerged, or merged into the weights wherever they are computed when `merge`."""
+
+    weights: dict[str, torch.Tensor]
+    lora: dict[str, StackedLoRA]
+    merge: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+
 _HUGE_PAGE = 2 << 20
 
 
@@ -152,6 +166,11 @@ class ExpertsBackend(ABC):
     @abstractmethod
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H] on the CPU in spec.dtype; topk_ids [T, k] int64; topk_weights [T, k] fp32 -> [T, H]."""
+
+    def host_experts(self) -> HostExperts | None:
+        """The weights this backend keeps on the host, for computing the experts elsewhere (GPU prefill); None
+        where it keeps only a packed copy of its own."""
+        return None
 
     @property
     def io_dtype(self) -> torch.dtype:

@@ -23,7 +23,7 @@ import torch
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
-from .base import BoundExperts, ExpertsBackend, ExpertsSpec, huge_page_empty
+from .base import BoundExperts, ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
 from .kt_native import NATIVE_FORMAT, NativeWeights
 from .native_output import captured
 
@@ -255,6 +255,13 @@ class KTExperts(ExpertsBackend):
             self.base = None  # the kernel packed its own copy: never hold the experts twice
             if self.native is not None:
                 self.native.release_sources()
+
+    def host_experts(self) -> HostExperts | None:
+        """The bf16 base weights, kept beside the kernel's packed copy only with keep_base_weights; the LoRA is
+        merged (moe_lora merged, whatever `method`: bf16 on the GPU) or applied unmerged (exact) where they run."""
+        if self.base is None:
+            return None
+        return HostExperts(self.base, dict(self._pending), merge=self.moe_lora == "merged")
 
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
         self._pending = {p: s for p, s in lora.items() if s.a.shape[1] > 0}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
-from .base import ExpertsBackend, ExpertsSpec, huge_page_empty
+from .base import ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
 
 MODES = ("exact", "merged")
 
@@ -66,6 +66,12 @@ class TorchExperts(ExpertsBackend):
             for e in range(w.shape[0]):
                 w[e] = torch.addmm(w[e].float(), b[e].float(), a[e].float(), alpha=scale).to(w.dtype)
         self._lora = {}
+
+    def host_experts(self) -> HostExperts:
+        """Its own stacked weights (the one copy); merged mode has folded the LoRA into them at prepare."""
+        self.prepare()
+        lora = {} if self.moe_lora == "merged" else self.lora
+        return HostExperts(self.weights, {p: s for p, s in lora.items() if s.a.shape[1] > 0})
 
     def _project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weights[proj][expert])

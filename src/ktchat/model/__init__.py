@@ -33,6 +33,8 @@ def load_model(
     device_map=None,
     merge_peft_lora: bool = False,
     cuda_graphs: bool | None = None,
+    gpu_prefill_tokens: int | str | None = None,
+    gpu_prefill_gib: float | None = None,
 ):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
@@ -45,16 +47,21 @@ def load_model(
     compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
     cuda_graphs (None: wherever everything but the experts sits on one CUDA device) decodes one-sequence `generate`
     calls on a static KV cache, one CUDA graph per token with the CPU experts inside (ktchat.model.decode).
+    gpu_prefill_tokens ("auto" | "off" | N; None: auto where the experts backend shares its host copy, i.e. torch,
+    off for kt) runs the routed experts of prompts from N tokens on the GPU, streamed within gpu_prefill_gib
+    (ktchat.model.moe.enable_gpu_prefill); "auto" or N with kt keeps kt's bf16 weights: a second host copy.
     """
     from ..adapter import read_adapter
     from ..experts import backend_factory
     from . import expert_format
     from .loader import build_skeleton, load_checkpoint, resolve_dtype
+    from .moe import check_gpu_prefill, wire_gpu_prefill
     from .placement import check_devices, describe, dispatch, plan_placement
 
     start = time.perf_counter()
     # What can be known before the slow part is checked first, cheapest first: devices, folders, files, adapter.
     check_devices(device, device_map, cuda_graphs)
+    gpu_prefill = check_gpu_prefill(gpu_prefill_tokens, gpu_prefill_gib, device)
     model_dir = _local_dir(model_name_or_path, "model_name_or_path")
     adapter_dir = _local_dir(adapter_name_or_path, "adapter_name_or_path") if adapter_name_or_path else None
     _check_json_files(model_dir)
@@ -71,7 +78,8 @@ def load_model(
                                 experts_backend=experts_backend, kt_method=kt_method, moe_lora=moe_lora,
                                 kt_weight_path=kt_weight_path)
     experts_backend, kt_method = fmt.experts_backend, fmt.kt_method
-    make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads)
+    make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads,
+                                   keep_host_weights=gpu_prefill[0] not in (None, "off"))
 
     skeleton = build_skeleton(config, arch, make_backend, dtype)
     int8_experts = expert_format.open_int8(fmt.int8_root, skeleton)  # checked before any weight is read
@@ -105,6 +113,7 @@ def load_model(
     phases.done("experts")
     backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
     _decode_with_graphs(model, cuda_graphs)
+    wire_gpu_prefill(model, *gpu_prefill)
     logger.info(
         "loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
         model_dir.name, time.perf_counter() - start, phases, len(skeleton.moe_blocks), backend_name,

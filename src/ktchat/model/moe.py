@@ -3,10 +3,16 @@ experts handed to a CPU backend, so no tensor ever meets a weight on another dev
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from torch import nn
 
+from ..errors import KTChatError
 from ..experts import ExpertsBackend
+
+logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
@@ -118,6 +124,7 @@ class OffloadedMoE(nn.Module):
     """
 
     overlap = True
+    streamed = None  # (StreamedExperts, tokens): prompts of at least `tokens` run the routed experts there
 
     def __init__(self, layer_idx: int, arch, config, router: Router, experts: CPUExperts,
                  shared_experts: nn.Module | None = None, shared_gate: nn.Module | None = None,
@@ -153,6 +160,9 @@ class OffloadedMoE(nn.Module):
     def _experts_and_shared(self, x, ids, weights):
         experts = self.cpu_experts
         shared = self._modules.get(self._names[2])
+        if self.streamed is not None and x.shape[0] >= self.streamed[1] and x.device == self.streamed[0].device:
+            routed = self.streamed[0].forward(self.layer_idx, x, ids, weights)
+            return routed if shared is None else routed + self._shared(shared, x)
         if shared is None:
             return experts(x, ids, weights)
         if self.overlap:
@@ -165,3 +175,87 @@ class OffloadedMoE(nn.Module):
         out = shared(x)
         gate = self._modules.get(self._names[3])
         return out if gate is None else torch.sigmoid(gate(x)) * out
+
+
+GPU_PREFILL_DEFAULT_GIB = 4.0
+
+
+def enable_gpu_prefill(model: nn.Module, tokens="auto", gib: float = GPU_PREFILL_DEFAULT_GIB):
+    """Prompts of at least `tokens` tokens ("auto": where one layer's copy beats the CPU experts, measured now)
+    compute the routed experts on the device of the MoE layers, streamed from the backends' host copies, which are
+    pinned in place; two weight slots within `gib`. On the CPU (`tokens` an integer) it runs the same math there.
+    Returns the StreamedExperts, or raises naming the setting where a backend keeps no host copy."""
+    from ..experts.gpu_prefill import StreamedExperts, auto_threshold, copy_bandwidth, cpu_seconds_per_token, pin_in_place
+
+    blocks = {m.layer_idx: m for m in model.modules() if isinstance(m, OffloadedMoE)}
+    devices = {b.router.weight.device for b in blocks.values()}
+    if len(devices) != 1:
+        raise KTChatError(f"gpu_prefill_tokens: the MoE layers sit on {len(devices)} devices; GPU prefill streams to one")
+    device = next(iter(devices))
+    if tokens == "auto" and device.type != "cuda":
+        raise KTChatError(f"gpu_prefill_tokens: auto measures the host-to-GPU link, but the model is on {device}")
+    hosts = {idx: b.cpu_experts.backend.host_experts() for idx, b in blocks.items()}
+    kept = [idx for idx, h in hosts.items() if h is None]
+    if kept:
+        raise KTChatError(f"gpu_prefill_tokens: the {blocks[kept[0]].cpu_experts.backend.name} experts of layer "
+                          f"{kept[0]} keep no host copy to stream (kt: load with GPU prefill on, which keeps their bf16 "
+                          "weights)")
+    streamer = StreamedExperts(hosts, device, int(gib * 2**30))
+    if device.type == "cuda":
+        start = time.perf_counter()
+        pinned = pin_in_place(streamer, [w for h in hosts.values() for w in h.weights.values()])
+        logger.info("GPU prefill: %.1f GiB of expert weights pinned in place in %.1fs (no second copy)",
+                    pinned / 2**30, time.perf_counter() - start)
+    if tokens == "auto":
+        layer = next(iter(hosts.values())).nbytes
+        bw = copy_bandwidth(device)
+        cpu = cpu_seconds_per_token(blocks[min(blocks)].cpu_experts.backend)
+        tokens = auto_threshold(layer, bw, cpu)
+        logger.info("GPU prefill from %d tokens: a layer's experts copy in %.1f ms (%.1f GB/s pinned); the CPU "
+                    "computes a token of a layer in %.3f ms", tokens, 1e3 * layer / bw, bw / 1e9, 1e3 * cpu)
+    for block in blocks.values():
+        block.streamed = (streamer, tokens)
+    logger.info("GPU prefill: %s; prompts of %d tokens or more", streamer.describe(), tokens)
+    return streamer
+
+
+def check_gpu_prefill(tokens, gib, device=None) -> tuple:
+    """Validates the two GPU-prefill settings before any slow work; returns (tokens, gib) normalised."""
+    if not (tokens in (None, "auto", "off") or (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1)):
+        raise KTChatError(f"gpu_prefill_tokens must be auto, off or an integer >= 1 (got {tokens!r})")
+    if gib is None:
+        gib = GPU_PREFILL_DEFAULT_GIB
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf"):
+        raise KTChatError(f"gpu_prefill_gib must be a number > 0 (got {gib!r})")
+    if tokens == "auto" and (str(device) == "cpu" or (device is None and not torch.cuda.is_available())):
+        raise KTChatError("gpu_prefill_tokens: auto measures the host-to-GPU link, but the model is on cpu")
+    return tokens, float(gib)
+
+
+def wire_gpu_prefill(model: nn.Module, tokens, gib: float) -> None:
+    """load_model's end: GPU prefill as the setting says (None: on CUDA, where the backends share their host copy)."""
+    if tokens == "off":
+        return
+    blocks = [m for m in model.modules() if isinstance(m, OffloadedMoE)]
+    if not blocks:
+        return
+    on_cuda = all(b.router.weight.device.type == "cuda" for b in blocks)
+    if tokens is None:
+        backend = blocks[0].cpu_experts.backend
+        if not on_cuda or len({b.router.weight.device for b in blocks}) != 1:
+            return
+        if backend.host_experts() is None:
+            logger.info("GPU prefill off: the %s experts keep no host copy to stream (gpu_prefill_tokens: auto keeps "
+                        "their bf16 weights, %.1f GiB more host memory)", backend.name,
+                        sum(_experts_bytes(b.cpu_experts.backend.spec) for b in blocks) / 2**30)
+            return
+        tokens = "auto"
+    elif blocks[0].cpu_experts.backend.name == "kt":
+        cost = sum(h.nbytes for b in blocks if (h := b.cpu_experts.backend.host_experts()) is not None)
+        logger.info("GPU prefill: the kt experts keep their bf16 weights beside the kernel's packed copy: "
+                    "%.1f GiB more host memory", cost / 2**30)
+    enable_gpu_prefill(model, tokens, gib)
+
+
+def _experts_bytes(spec) -> int:
+    return spec.num_experts * 3 * spec.hidden_size * spec.intermediate_size * 2  # bf16 gate, up, down
