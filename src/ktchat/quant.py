@@ -373,6 +373,9 @@ _CT_WEIGHTS = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": T
 
 
 def _compressed_tensors_scheme(qc: dict, where: str) -> QuantScheme:
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise KTChatError(f"{where}.quantization_status {qc.get('quantization_status')!r}: the weights are not "
+                          "stored packed (compressed)")
     groups = qc.get("config_groups")
     if not (isinstance(groups, Mapping) and len(groups) == 1):
         raise KTChatError(f"{where}.config_groups must hold exactly one group, got {groups!r}")

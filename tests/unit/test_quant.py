@@ -89,3 +89,19 @@ def test_dequantize_on_the_weights_device(fmt, block):
     moved = QuantizedWeight(q.format, q.data.to("meta"), q.scale.to("meta"), q.block, q.shape)
     w = moved.dequantize()
     assert w.device.type == "meta" and tuple(w.shape) == (24, 64)
+
+
+def test_fp8_power_of_two_scales_stored_as_e8m0():
+    """DeepSeek-V3.1's scale_fmt ue8m0: scales that are powers of two, which may be stored as F8_E8M0."""
+    q = quant.quantize("fp8", torch.randn(20, 36), (8, 16))
+    pow2 = torch.exp2(torch.ceil(torch.log2(q.scale)))
+    e8m0 = QuantizedWeight("fp8", q.data, pow2.to(torch.float8_e8m0fnu), (8, 16), (20, 36))
+    assert torch.equal(e8m0.dequantize(), _blockwise(q.data.float(), pow2, (8, 16), (20, 36)))
+    s = quant.scheme_of({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+                         "weight_block_size": [128, 128]}, "config.json")
+    assert s.block == (128, 128)
+
+
+def test_compressed_tensors_not_compressed_is_refused():
+    with pytest.raises(KTChatError, match="quantization_status 'frozen'"):
+        quant.scheme_of({"quant_method": "compressed-tensors", "quantization_status": "frozen"}, "config.json")
