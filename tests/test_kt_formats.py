@@ -416,3 +416,76 @@ def test_config_methods_are_the_backends():
 
     assert KT_METHODS == METHODS
     assert set(TRAINED_METHOD.values()) <= set(METHODS)
+
+
+# ---- adapters trained on fp8 / rawint4 experts, on the tiny FP8 (DeepSeek-V3) and INT4 (Kimi-K2) bases ----
+
+TRAINED_ON = {"deepseek_v3-fp8": "fp8", "kimi_k2-int4": "rawint4"}
+KT_MODEL_BOUND = {"fp8": 1e-2, "rawint4": 1e-2}  # measured (avx512_bf16, exact / merged): fp8 1.5e-3 / 1.4e-3, rawint4 1.8e-3 / 1.3e-3
+
+
+@pytest.fixture(scope="module", params=sorted(TRAINED_ON))
+def qbase(request, tmp_path_factory):
+    """(format, quantized tiny base, its adapter in KT's layout naming `format`, the dequantized reference)."""
+    from ktchat.adapter.kt_provenance import RAWINT4_QUANTIZATION, RAWINT4_SCHEMA, rawint4_identity
+    from ktchat.tinymodels import build_tiny
+    from ktchat.tinymodels.quantized import VARIANTS, build_quantized
+
+    root = Path(os.environ.get("KTCHAT_TEST_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "tiny"))
+    v = VARIANTS[request.param]
+    base = build_tiny(root.with_name(f"{root.name}-{v.family}"), family=v.family)
+    paths = build_quantized(root.with_name(f"{root.name}-{v.name}"), v.name, base)
+    fmt = TRAINED_ON[request.param]
+    out = tmp_path_factory.mktemp(fmt)
+    convert(paths.adapter, out / "kt", "kt")
+    fields = {"expert_weight_format": fmt}
+    if fmt == "rawint4":
+        fields.update(base={"model_name_or_path": str(paths.model), "fingerprint_schema": RAWINT4_SCHEMA,
+                            **rawint4_identity(paths.model)}, expert_quantization=dict(RAWINT4_QUANTIZATION))
+    adapter = with_manifest(out / "kt", out / "adapter", **fields)
+    reference = load_reference(merge_by_hand(paths.model, paths.adapter, out / "merged"))
+    from transformers import AutoTokenizer
+
+    from reference import chat_prompt_ids
+
+    return fmt, paths.model, adapter, reference, chat_prompt_ids(AutoTokenizer.from_pretrained(paths.model))[:2]
+
+
+def test_quantized_adapter_torch_matches_dequantized_reference(qbase, caplog):
+    fmt, model_dir, adapter, reference, prompts = qbase
+    with caplog.at_level(logging.INFO, logger="ktchat"):
+        model, _ = load_model(model_dir, adapter, experts_backend="torch", dtype="float32", device=DEVICE)
+    assert f"routed experts: {fmt}, the format the adapter was trained on" in caplog.text
+    for ids in prompts:
+        assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
+
+
+def test_quantized_adapter_on_kt_kernels(qbase, caplog):
+    """The default (format and moe_lora) on kt: the SFT kernel of the format where the build has it, else its
+    inference kernel on the LoRA merged into bf16; auto falls back to torch in one line where neither runs."""
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts.kt_backend import unavailable_reason
+    from ktchat.model import offloaded_blocks
+
+    fmt, model_dir, adapter, reference, prompts = qbase
+    if reason := unavailable_reason("merged", fmt):
+        with caplog.at_level(logging.INFO, logger="ktchat"):
+            load_model(model_dir, adapter, experts_backend="auto", dtype="float32", device=DEVICE)
+        assert f"routed experts: torch backend on the same {fmt} math ({reason})" in caplog.text
+        pytest.skip(reason)
+    errors = {}
+    for moe_lora in [m for m in ("exact", "merged") if unavailable_reason(m, fmt) is None]:
+        model, _ = load_model(model_dir, adapter, experts_backend="kt", dtype="float32", device=DEVICE,
+                              moe_lora=moe_lora)
+        backend = next(iter(offloaded_blocks(model).values())).experts.backend
+        assert (backend.name, backend.method) == ("kt", fmt)
+        errors[moe_lora] = max(rel_err(logits(model, ids), logits(reference, ids)) for ids in prompts)
+    print(fmt, errors)
+    assert all(e < KT_MODEL_BOUND[fmt] for e in errors.values()), errors
+
+
+def test_native_format_needs_its_checkpoint(tiny, kt_adapter, tmp_path):
+    adapter = with_manifest(kt_adapter, tmp_path / "a", expert_weight_format="fp8")
+    with pytest.raises(KTChatError, match=r"config.json: expert format fp8 needs a checkpoint quantized as fp8 "
+                                          r"\(quantization_config\), but this base is not quantized"):
+        load_model(tiny.model, adapter, experts_backend="torch", dtype="float32", device="cpu")
