@@ -120,15 +120,20 @@ class AbsorbedMLA:
         latents, k_pes = cache.update(latent, k_pe, a.layer_idx)  # [b, 1, S, kv_lora_rank], [b, 1, S, rope]
 
         w_uk, w_uv = self._weight.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
-        q_latent = torch.matmul(q_nope, w_uk)  # [b, h, n, nope] @ [h, nope, r]: the query in latent space
-        scores = (torch.matmul(q_latent, latents.transpose(-1, -2)) + torch.matmul(q_pe, k_pes.transpose(-1, -2)))
-        scores = scores * a.scaling
+        h, length = a.num_heads, latents.shape[-2]
+        # the query in latent space, [b, h, n, nope] @ [h, nope, r]; then every head's rows against the one latent
+        # cache, [b, 1, h * n, r] @ [b, 1, r, S] (one shared key: no per-head copy of the cache)
+        q_latent = torch.matmul(q_nope, w_uk).reshape(b, 1, h * n, a.kv_lora_rank)
+        scores = (torch.matmul(q_latent, latents.transpose(-1, -2))
+                  + torch.matmul(q_pe.reshape(b, 1, h * n, a.qk_rope_head_dim), k_pes.transpose(-1, -2)))
+        scores = scores.view(b, h, n, length) * a.scaling
         if mask is not None:
-            mask = mask[..., :scores.shape[-1]]
+            mask = mask[..., :length]
             scores = (scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
                       else scores + mask)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_latent.dtype)
-        out = torch.matmul(torch.matmul(probs, latents), w_uv.transpose(-1, -2))  # [b, h, n, r] @ [h, r, v]
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_latent.dtype).reshape(b, 1, h * n, length)
+        out_latent = torch.matmul(probs, latents).view(b, h, n, a.kv_lora_rank)
+        out = torch.matmul(out_latent, w_uv.transpose(-1, -2))  # [b, h, n, r] @ [h, r, v]
         return a.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
 
