@@ -139,6 +139,8 @@ def test_a_bound_below_two_experts_is_refused(tiny):
 
 def test_grouped_matmuls_and_expert_by_expert_agree(tiny, reference, prompts):
     """The grouped path (a few kernels a group) and the per-expert fallback compute the same products."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no grouped matmul: expert by expert only")
     model = load_fp32(tiny)
     streamer = enable_gpu_prefill(model, tokens=2, gib=2 * 3 * one_expert_gib(model))
     grouped = [logits(model, ids) for ids in prompts]
