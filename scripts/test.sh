@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite under transformers 5.x (.venv) and transformers 4.57 (.venv-tf4), then
-# tests/test_llamafactory.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), installing the environments first if
+# tests/test_llamafactory.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), and it, the KT-environment tests and the
+# webchat browser test under llamafactory-kt with the KT forks (.venv-lfkt), installing the environments first if
 # needed. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh .venv requirements/tf5.txt
 bash scripts/install.sh .venv-tf4 requirements/tf4.txt
 bash scripts/install_llamafactory.sh .venv-lf
+bash scripts/install_lfkt.sh .venv-lfkt
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 status=0
 for venv in .venv .venv-tf4; do
@@ -16,4 +18,7 @@ done
 # The real llamafactory-cli chat/api on the tiny model that the .venv run above has built (.cache/tiny).
 echo "== pytest tests/test_llamafactory.py under LLaMA-Factory $(.venv-lf/bin/python -c 'import importlib.metadata as m; print(m.version("llamafactory"), "+ transformers", m.version("transformers"))')"
 .venv-lf/bin/python -m pytest tests/test_llamafactory.py "$@" || status=$?
+echo "== pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py under $(.venv-lfkt/bin/python -c 'import importlib.metadata as m; print("llamafactory-kt", m.version("llamafactory-kt"), "+ transformers-kt", m.version("transformers-kt"))')"
+.venv-lfkt/bin/python -m pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py "$@" \
+  || status=$?
 exit $status

@@ -6,6 +6,7 @@ The first tests run anywhere (argument splitting, the import hook, the .pth file
 own process so the hook is installed exactly as a user's interpreter installs it: by the .pth file at startup.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -293,6 +294,54 @@ def test_llamafactory_cli_chat_answers_through_ktchat(lf_config):
     assert "ignored: chunk_size, kt_optimize_rule" in out.stderr
 
 
+# The families KT users train (FIELD-NOTES, "Where KT fine-tuning is now"), through the real llamafactory-cli.
+CLI_FAMILIES = ("deepseek_v2", "qwen3_moe", "qwen3_5_moe_text", "qwen3_5_moe")
+
+
+def _family_config(tiny_family, tmp_path, name: str, **changes) -> Path:
+    """An inference YAML as llamafactory-kt's KT examples write it: a kt_config section, kt_* keys, lora_rank and
+    lora_alpha repeated from training (here deliberately not the adapter's)."""
+    built = tiny_family(name)
+    settings = {
+        "model_name_or_path": str(built.model), "adapter_name_or_path": str(built.adapter),
+        "infer_backend": "huggingface", "use_kt": True, "finetuning_type": "lora", "lora_rank": 64, "lora_alpha": 128,
+        "kt_config": {"kt_backend": "AMXBF16", "kt_num_threads": 1, "kt_tp_enabled": False},
+        "do_sample": False, "max_new_tokens": 32, **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+@needs_lf
+@pytest.mark.parametrize("name", CLI_FAMILIES)
+def test_llamafactory_cli_chat_answers_through_ktchat_per_family(tiny_family, tmp_path, name):
+    from ktchat.tinymodels import TRAINED_QA
+
+    config = _family_config(tiny_family, tmp_path, name)
+    stdin = "".join(f"{question}\nclear\n" for question, _ in TRAINED_QA) + "exit\n"
+    out = _lf_cli("chat", config, stdin=stdin)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _replies(out.stdout) == [answer for _, answer in TRAINED_QA], out.stdout[-3000:]
+    _assert_loaded_by_ktchat(out.stderr)
+    assert "lora_rank: 64 (adapter r: " in out.stderr and "ktchat takes rank and alpha from the adapter" in out.stderr
+
+
+@needs_lf
+@pytest.mark.parametrize("name", CLI_FAMILIES)
+def test_llamafactory_cli_api_answers_through_ktchat_per_family(tiny_family, tmp_path, name):
+    from ktchat.tinymodels import TRAINED_QA
+
+    config = _family_config(tiny_family, tmp_path, name)
+    with _lf_api(config, tmp_path / "api.log") as base:
+        for question, answer in TRAINED_QA:
+            reply = _http(f"{base}/v1/chat/completions", {
+                "model": "tiny", "messages": [{"role": "user", "content": question}], "do_sample": False,
+                "max_tokens": 32})
+            assert reply["choices"][0]["message"]["content"].strip() == answer
+    _assert_loaded_by_ktchat((tmp_path / "api.log").read_text())
+
+
 # Values for the keys of ktchat's config whose default means "not set", or that need this machine's files; every
 # other key keeps its dataclass default, written out. Valid wherever kt_kernel's bf16 inference kernel runs.
 EVERY_KEY_VALUES = {
@@ -364,33 +413,26 @@ def _http(url: str, payload=None, timeout=120):
         return json.loads(response.read())
 
 
-@needs_lf
-def test_llamafactory_cli_api_answers_through_ktchat(lf_config, tmp_path):
-    from ktchat.tinymodels import TRAINED_QA
-
+@contextlib.contextmanager
+def _lf_api(config: Path, log_path: Path):
+    """The real `llamafactory-cli api CONFIG` on a free port of 127.0.0.1; yields its base URL once it answers."""
     port = _free_port()
-    log = open(tmp_path / "api.log", "w+")
+    log = open(log_path, "w+")
     env = {**os.environ, **ENV, "API_HOST": "127.0.0.1", "API_PORT": str(port)}
     cli = Path(sys.executable).parent / "llamafactory-cli"
-    server = subprocess.Popen([str(cli), "api", str(lf_config())], stdout=log, stderr=subprocess.STDOUT, env=env,
-                              cwd=REPO)
+    server = subprocess.Popen([str(cli), "api", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + LF_TIMEOUT
         while True:
-            assert server.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the API server did not come up"
             try:
                 _http(f"{base}/v1/models", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(1)
-        question, answer = TRAINED_QA[1]
-        reply = _http(f"{base}/v1/chat/completions", {
-            "model": "tiny", "messages": [{"role": "user", "content": question}], "do_sample": False,
-            "max_tokens": 32})
-        assert reply["choices"][0]["message"]["content"].strip() == answer
-        assert reply["choices"][0]["finish_reason"] == "stop"
+        yield base
     finally:
         server.terminate()
         try:
@@ -399,22 +441,37 @@ def test_llamafactory_cli_api_answers_through_ktchat(lf_config, tmp_path):
             server.kill()
             server.wait()
         log.close()
+
+
+@needs_lf
+def test_llamafactory_cli_api_answers_through_ktchat(lf_config, tmp_path):
+    from ktchat.tinymodels import TRAINED_QA
+
+    with _lf_api(lf_config(), tmp_path / "api.log") as base:
+        question, answer = TRAINED_QA[1]
+        reply = _http(f"{base}/v1/chat/completions", {
+            "model": "tiny", "messages": [{"role": "user", "content": question}], "do_sample": False,
+            "max_tokens": 32})
+        assert reply["choices"][0]["message"]["content"].strip() == answer
+        assert reply["choices"][0]["finish_reason"] == "stop"
     _assert_loaded_by_ktchat((tmp_path / "api.log").read_text())
 
 
 WEBCHAT_SCRIPT = """
-import json, sys
+import inspect, json, sys
 config, questions = sys.argv[1], json.loads(sys.argv[2])
 sys.argv = ["llamafactory-cli", config]  # as `llamafactory-cli webchat CONFIG.yaml` leaves it
 from llamafactory.webui.chatter import WebChatModel
 
 chatter = WebChatModel(manager=None, demo_mode=False, lazy_init=False)  # what webchat builds before its UI
+# the UI's inputs, by name: llamafactory-kt's stream takes a seed too
+inputs = dict(chatbot=[], lang="en", system="", tools="", image=None, video=None, audio=None, max_new_tokens=32,
+              top_p=0.7, temperature=0.95, seed=-1, skip_special_tokens=True, escape_html=False, enable_thinking=False)
+names = inspect.signature(chatter.stream).parameters
 replies = []
 for question in questions:
-    user = [{"role": "user", "content": question}]
-    # chatbot, messages, lang, system, tools, image, video, audio, max_new_tokens, top_p, temperature,
-    # skip_special_tokens, escape_html, enable_thinking: the UI's inputs
-    for _, messages in chatter.stream([], user, "en", "", "", None, None, None, 32, 0.7, 0.95, True, False, False):
+    inputs["messages"] = [{"role": "user", "content": question}]
+    for _, messages in chatter.stream(**{name: inputs[name] for name in names}):
         pass
     replies.append(messages[-1]["content"])
 print("REPLIES=" + json.dumps(replies))

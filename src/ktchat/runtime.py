@@ -55,3 +55,56 @@ def huge_pages_hint() -> str | None:
         return None
     return (f"start Python with GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} to put the CPU experts on huge pages "
             "(faster loading and decode; the ktchat command does this itself)")
+
+
+# The libraries ktchat imports but does not require by distribution name (pyproject.toml, "hf" extra): KT users
+# have them from transformers-kt, peft-kt and accelerate-kt, other names for the same modules.
+LIBRARY_EXTRA = "hf"
+
+
+def _library_requirements() -> list:
+    """ktchat's own `hf` extra, as installed metadata holds it (none when ktchat runs from a source tree)."""
+    import importlib.metadata
+
+    try:
+        from packaging.requirements import Requirement
+
+        lines = importlib.metadata.requires("ktchat") or []
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return []
+    wanted = []
+    for line in lines:
+        requirement = Requirement(line)
+        if requirement.marker is not None and requirement.marker.evaluate({"extra": LIBRARY_EXTRA}) \
+                and not requirement.marker.evaluate({"extra": ""}):
+            wanted.append(requirement)
+    return wanted
+
+
+def library_problems() -> list[str]:
+    """One line per module of the `hf` extra that is missing or outside its versions, whichever distribution
+    provides it (upstream or a KT fork)."""
+    import importlib
+    import importlib.util
+
+    problems = []
+    for requirement in _library_requirements():
+        name = requirement.name
+        if importlib.util.find_spec(name) is None:
+            problems.append(f"the {name} module is missing")
+            continue
+        version = getattr(importlib.import_module(name), "__version__", None)
+        if version is not None and not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{name} {version} is installed, ktchat needs {name}{requirement.specifier}")
+    return problems
+
+
+def check_libraries() -> None:
+    """Raises one line naming what is missing, before any model code imports it."""
+    problems = library_problems()
+    if problems:
+        from .errors import KTChatError
+
+        raise KTChatError(
+            f"{'; '.join(problems)}: install ktchat with `pip install 'ktchat[{LIBRARY_EXTRA}]'` (upstream transformers, "
+            "peft, accelerate), or into an environment with the KT forks transformers-kt, peft-kt, accelerate-kt")

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from ..errors import KTChatError
-from ..runtime import huge_pages_hint
+from ..runtime import check_libraries, huge_pages_hint
+
+check_libraries()  # one line naming a missing transformers/peft/accelerate, before model code imports them
 from .channels import ExpertLoRAInstall, load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
 from .registry import ARCHS, MoEArch, arch_for
 

@@ -165,25 +165,57 @@ def _hooked(function) -> bool:
     return hasattr(function, "__ktchat_original__")
 
 
-def _split(original: Callable, args) -> tuple[Any, Optional[dict[str, Any]]]:
-    """split_arguments over LLaMA-Factory's own reading of its arguments (YAML/JSON + overrides, argv, or a dict)."""
+def _read(original: Callable, args):
+    """LLaMA-Factory's own reading of its arguments (YAML/JSON + overrides, argv, or a dict); None if unknown."""
     read_args = getattr(sys.modules.get(original.__module__), "read_args", None)
     if read_args is None:  # not the LLaMA-Factory this hook knows: stay out of its way
         logger.warning("ktchat: %s.read_args not found: use_kt is not served by ktchat with this LLaMA-Factory",
                        original.__module__)
-        return args, None
-    return split_arguments(read_args(args), _lf_keys())
+        return None
+    return read_args(args)
+
+
+def _split(original: Callable, args) -> tuple[Any, Optional[dict[str, Any]]]:
+    """split_arguments over LLaMA-Factory's own reading of its arguments."""
+    raw = _read(original, args)
+    return (args, None) if raw is None else split_arguments(raw, _lf_keys())
+
+
+# The YAML's LoRA shape (llamafactory-kt's inference YAML repeats the training's) -> the adapter_config.json key.
+LORA_SHAPE_KEYS = {"lora_rank": "r", "kt_lora_rank": "r", "lora_alpha": "lora_alpha", "kt_lora_alpha": "lora_alpha"}
+
+
+def lora_shape_note(raw, adapter: Optional[str]) -> Optional[str]:
+    """One line where the YAML's lora_rank/lora_alpha disagree with the adapter's own config, which ktchat uses."""
+    values = raw if isinstance(raw, dict) else {key: value for _, _, key, value in _argv_pairs(list(raw or ()))}
+    config_path = os.path.join(adapter, "adapter_config.json") if adapter else None
+    if not config_path or not os.path.isfile(config_path) or not LORA_SHAPE_KEYS.keys() & values.keys():
+        return None
+    import json
+
+    with open(config_path) as f:
+        config = json.load(f)
+    differ = [f"{key}: {values[key]!r} (adapter {ours}: {config.get(ours)!r})" for key, ours in LORA_SHAPE_KEYS.items()
+              if key in values and values[key] is not None and values[key] != config.get(ours)]
+    if not differ:
+        return None
+    return (f"the YAML's {', '.join(differ)} disagree with {config_path}: ktchat takes rank and alpha from the "
+            "adapter's own config")
 
 
 def serve_get_infer_args(original: Callable) -> Callable:
     """ChatModel's get_infer_args: with use_kt, parse without it and attach ktchat's settings."""
 
     def get_infer_args(args=None):
-        lf_args, ours = _split(original, args)
+        raw = _read(original, args)
+        lf_args, ours = (args, None) if raw is None else split_arguments(raw, _lf_keys())
         if ours is None:
             return original(args)
         _setup_logging()
         settings = kt_settings(ours)
+        note = lora_shape_note(raw, settings.adapter_name_or_path)
+        if note:
+            logger.warning("%s", note)
         parsed = original(lf_args)
         model_args = parsed[0]
         model_args.use_kt = True
