@@ -148,6 +148,22 @@ def test_int8_writer_is_kt_kernels_bytes(tiny, tmp_path):
         assert torch.equal(read.weight(1, 0, proj).dequantize(), kt_int8_by_hand(layers[1][proj][0]))
 
 
+def test_int8_layout_blocks_wide_layers_as_kt_kernel(tmp_path):
+    """Past 3584 inputs kt_kernel blocks a weight (64-row groups x 3584-input blocks): V3's gate/up have 7168."""
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts import kt_backend
+
+    if not hasattr(kt_backend.kt_ext().moe, "AMXInt8_MOE"):
+        pytest.skip(f"kt_kernel's '{kt_backend.cpu_variant()}' build has no AMXInt8_MOE to write INT8 files with")
+    g = torch.Generator().manual_seed(5)
+    layer = {p: torch.randn((2, 7680, 128) if p == "down" else (2, 128, 7680), generator=g).bfloat16()
+             for p in ("gate", "up", "down")}
+    write_int8_experts(tmp_path / "ours", {0: layer}, use_kt_kernel=False)
+    write_int8_experts(tmp_path / "kt", {0: layer})
+    files = sorted(p.relative_to(tmp_path / "kt") for p in (tmp_path / "kt").rglob("*.kt"))
+    assert files and all((tmp_path / "ours" / f).read_bytes() == (tmp_path / "kt" / f).read_bytes() for f in files)
+
+
 def test_int8_tree_mismatches_are_one_line(tiny, int8_set, tmp_path):
     cfg = dict(num_experts=8, hidden_size=256, intermediate_size=128, layers=[1, 2])
     open_int8_experts(int8_set, **cfg)  # as written: fine
@@ -225,8 +241,9 @@ def test_int8_adapter_on_kt_kernels(tiny, kt_adapter, int8_set, int8_reference, 
     for moe_lora in runs:
         model, _ = load_model(tiny.model, adapter, experts_backend="kt", dtype="float32", device=DEVICE,
                               moe_lora=moe_lora)
-        for ids in chat_prompts[:-1]:
-            assert rel_err(logits(model, ids), logits(int8_reference, ids)) < KT_BOUND["int8"]
+        errors = [rel_err(logits(model, ids), logits(int8_reference, ids)) for ids in chat_prompts[:-1]]
+        print("int8", moe_lora, f"{max(errors):.2e}")
+        assert max(errors) < KT_BOUND["int8"]
 
 
 # ---- manifest fields: one line per mismatch, naming the file and key ----
@@ -374,7 +391,9 @@ def test_quantized_layer_torch_exact_kt_within_bound(method):
                 kt.load_quantized(p, e, qe, f"{p}{e}")
         kt.finalize()
         kt.set_lora(lora)
-        assert rel_err(kt.forward(x.bfloat16(), ids, wts), want) < KT_LAYER_BOUND[method], moe_lora
+        err = rel_err(kt.forward(x.bfloat16(), ids, wts), want)
+        print("layer", method, moe_lora, f"{err:.2e}")
+        assert err < KT_LAYER_BOUND[method], moe_lora
         ran.append(moe_lora)
     if not ran:
         pytest.skip(unavailable_reason("merged", method))

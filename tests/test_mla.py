@@ -16,7 +16,7 @@ from reference import DEVICE, chat_prompt_ids, greedy, load_reference, logits, m
 from tolerances import FP32_BOUND
 
 NEW_TOKENS = 12
-FAMILIES = ("deepseek_v2", "deepseek_v3")  # V2: complex rope, no q LoRA rank; V3: cos/sin rope, interleaved, q_a/q_b
+FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k25")  # V2: complex rope, no q LoRA rank; V3: cos/sin, q_a/q_b; a VLM
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -54,7 +54,7 @@ def decode_errors(model, sd, reference, ids):
 def test_absorbed_decode_equals_reference(fam, static_decode_capable):
     name, paths, reference, prompts = fam
     model, sd = absorbed_model(paths, static_decode_capable)
-    assert len(sd.absorbed) == model.config.num_hidden_layers
+    assert len(sd.absorbed) == model.config.get_text_config().num_hidden_layers
     assert all(type(a.attn.kv_b_proj) is not torch.nn.Linear for a in sd.absorbed), "kv_b_proj has no LoRA"
     for ids in prompts:
         tokens, err = decode_errors(model, sd, reference, ids)

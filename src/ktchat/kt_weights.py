@@ -6,8 +6,9 @@ and KTransformers load directly, with their own manifest (`kt-weight-manifest.js
 
     _layer_<L>/_numa_<n>/INT8_<gate|up|down>_<expert>_<bytes>Byte_<quant|scale>_.kt
 
-- quant: int8 values of one NUMA slice in the kernel's tiles ("kt-int8-n32-k64-vnni-v1"): for each block of 32
-  output rows, each block of 64 inputs, each half of 16 rows: 16 groups of 4 inputs x 16 rows x 4 inputs;
+- quant: int8 values of one NUMA slice in the kernel's tiles ("kt-int8-n32-k64-vnni-v1"): per group of 64 output
+  rows, per block of 3584 inputs, per 32 rows: for each 64 inputs, each half of 16 rows: 16 groups of 4 inputs x
+  16 rows x 4 inputs (`pack`);
 - scale: fp32, one per output row of the slice (kt's rule: amax * (1/127), quant.kt_int8);
 - slices: gate and up split their output rows over the NUMA pools, down its inputs (so down has one scale per
   row per slice).
@@ -39,17 +40,40 @@ PROJS = ("gate", "up", "down")
 _FILE = re.compile(r"^INT8_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 TILE_ROWS, TILE_COLS = 32, 64
+GROUP_ROWS, K_BLOCK = 64, 3584  # kt_kernel's outer blocking of a weight (rows, inputs)
+
+
+def _blocks(rows: int, cols: int):
+    """(row0, rows, col0, cols) of each tile in file order: groups of 64 rows; in each, blocks of 3584 inputs
+    (the last one shorter); in each, the group's 32-row tiles. (Found by decoding kt_kernel's own files: one block
+    of inputs up to 3584, so small layers are simply [32 rows][64 inputs] tiles in row order.)"""
+    for g in range(0, rows, GROUP_ROWS):
+        for c in range(0, cols, K_BLOCK):
+            for r in range(g, min(g + GROUP_ROWS, rows), TILE_ROWS):
+                yield r, TILE_ROWS, c, min(K_BLOCK, cols - c)
+
+
+def _tile(block: torch.Tensor) -> torch.Tensor:
+    """[32, k] -> its bytes: per 64 inputs, per half of 16 rows: 16 groups of 4 inputs x 16 rows x 4."""
+    k = block.shape[1]
+    return block.reshape(2, 16, k // 64, 16, 4).permute(2, 0, 3, 1, 4).reshape(-1)
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:
-    """int8 [rows, cols] row-major -> the kernel's tile order (flat int8); rows % 32 == cols % 64 == 0."""
+    """int8 [rows, cols] row-major -> kt_kernel's tile order (flat int8); rows % 32 == cols % 64 == 0."""
     n, k = values.shape
-    return values.reshape(n // 32, 2, 16, k // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).reshape(-1)
+    return torch.cat([_tile(values[r:r + nr, c:c + nc]) for r, nr, c, nc in _blocks(n, k)])
 
 
 def unpack(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The inverse of `pack`: flat int8 in tile order -> [rows, cols] row-major."""
-    return flat.reshape(rows // 32, cols // 64, 2, 16, 16, 4).permute(0, 2, 4, 1, 3, 5).reshape(rows, cols)
+    out = torch.empty(rows, cols, dtype=flat.dtype)
+    at = 0
+    for r, nr, c, nc in _blocks(rows, cols):
+        size = nr * nc
+        out[r:r + nr, c:c + nc] = flat[at:at + size].reshape(nc // 64, 2, 16, 16, 4).permute(1, 3, 0, 2, 4).reshape(nr, nc)
+        at += size
+    return out
 
 
 def file_name(proj: str, expert: int, nbytes: int, kind: str) -> str:

@@ -73,7 +73,8 @@ class AbsorbedMLA:
         hidden = arguments.get("hidden_states")
         cache = next((v for k in ("cache", "past_key_values") for v in (arguments.get(k), extra.get(k))
                       if v is not None), None)
-        if not self.enabled or cache is None or hidden is None or hidden.shape[1] != 1 or not _holds_latents(cache, self.attn):
+        if (not self.enabled or cache is None or hidden is None or hidden.shape[1] != 1
+                or not _holds_latents(cache, self.attn)):
             return self._forward(*args, **kwargs)
         return self._step(hidden, arguments.get("position_embeddings", extra.get("position_embeddings")),
                           arguments.get("attention_mask", extra.get("attention_mask")), cache)
