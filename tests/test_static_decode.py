@@ -117,7 +117,7 @@ def test_prompt_longer_than_the_kt_chunk_is_split_exactly(tiny, reference, chat_
     assert greedy(reference, ids, 4) == chunked[0, -1:].argmax(-1).tolist() + greedy(reference, ids, 4)[1:]
     sd = static(model)
     assert scored(model, ids, n=4)[0] == greedy(reference, ids, 4)
-    assert sd._signature is not None
+    assert sd._signature is not None or sd.eager_reason  # transformers 4.57: MLA decodes eagerly, saying why
 
 
 def test_conversation_outgrowing_the_static_cache_is_carried_over(tiny, reference, chat_prompts, monkeypatch,
