@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ktchat import quant
 from ktchat.adapter import PROJS, StackedLoRA
 from ktchat.experts import ExpertsSpec
-from ktchat.experts.kt_backend import KTExperts, cpu_variant, unavailable_reason
+from ktchat.experts.kt_backend import KTExperts, cpu_variant, kt_int8_writer, unavailable_reason
 from ktchat.kt_weights import open_int8_experts, write_int8_experts
 
 
@@ -98,7 +98,7 @@ def main() -> None:
             src = {p: [quant.quantize("fp8", bf16[p][x].float(), (128, 128)) for x in range(e)] for p in PROJS}
             deq = lambda p, x: src[p][x].dequantize()  # noqa: E731
         elif fmt == "int8":
-            write_int8_experts(tmp, {0: bf16})  # kt_kernel's own quantize-and-save where the build has it
+            write_int8_experts(tmp, {0: bf16}, writer=kt_int8_writer())  # kt_kernel's own quantize-and-save where the build has it
             tree = open_int8_experts(tmp, num_experts=e, hidden_size=h, intermediate_size=i, layers=[0])
             deq = lambda p, x: tree.weight(0, x, p).dequantize()  # noqa: E731
         else:

@@ -94,11 +94,20 @@ def moe_layers(tiny) -> dict[int, dict[str, torch.Tensor]]:
             for layer in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"])}
 
 
+def _kt_writer():
+    """kt_kernel's INT8 writer where it imports and has AMXInt8_MOE, else None (ktchat's writer of the same bytes)."""
+    try:
+        from ktchat.experts.kt_backend import kt_int8_writer
+    except ImportError:
+        return None
+    return kt_int8_writer()
+
+
 @pytest.fixture(scope="module")
 def int8_set(tiny, tmp_path_factory):
     """KT's INT8 of the tiny base, written by kt_kernel itself where this build can (else ktchat's writer)."""
     root = tmp_path_factory.mktemp("kt-int8") / "experts"
-    write_int8_experts(root, moe_layers(tiny))
+    write_int8_experts(root, moe_layers(tiny), writer=_kt_writer())
     return root
 
 
@@ -135,8 +144,8 @@ def test_int8_writer_is_kt_kernels_bytes(tiny, tmp_path):
     layers = moe_layers(tiny)
     layers[1]["gate"][0, 5] = 0  # an all-zero row: scale 0
     ours, theirs = tmp_path / "ours", tmp_path / "kt"
-    write_int8_experts(ours, layers, use_kt_kernel=False)
-    write_int8_experts(theirs, layers)
+    write_int8_experts(ours, layers)
+    write_int8_experts(theirs, layers, writer=kt_backend.kt_int8_writer())
     files = sorted(p.relative_to(theirs) for p in theirs.rglob("*.kt"))
     assert files == sorted(p.relative_to(ours) for p in ours.rglob("*.kt")) and len(files) == 2 * 2 * 3 * 8
     assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files)
@@ -158,8 +167,8 @@ def test_int8_layout_blocks_wide_layers_as_kt_kernel(tmp_path):
     g = torch.Generator().manual_seed(5)
     layer = {p: torch.randn((2, 7680, 128) if p == "down" else (2, 128, 7680), generator=g).bfloat16()
              for p in ("gate", "up", "down")}
-    write_int8_experts(tmp_path / "ours", {0: layer}, use_kt_kernel=False)
-    write_int8_experts(tmp_path / "kt", {0: layer})
+    write_int8_experts(tmp_path / "ours", {0: layer})
+    write_int8_experts(tmp_path / "kt", {0: layer}, writer=kt_backend.kt_int8_writer())
     files = sorted(p.relative_to(tmp_path / "kt") for p in (tmp_path / "kt").rglob("*.kt"))
     assert files and all((tmp_path / "ours" / f).read_bytes() == (tmp_path / "kt" / f).read_bytes() for f in files)
 

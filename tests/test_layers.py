@@ -18,7 +18,7 @@ LAYERS = (
     ("errors",),
     ("runtime", "quant"),
     ("checkpoint",),
-    ("config",),
+    ("config", "kt_weights"),
     ("adapter",),
     ("experts",),
     ("model",),

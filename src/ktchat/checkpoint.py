@@ -13,6 +13,7 @@ Bottom layer: the standard library and ktchat.errors only; torch is imported ins
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KTChatError
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 8 MiB pieces (adapter manifests and KT weight sets record them)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"

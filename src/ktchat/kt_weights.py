@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import sha256_file
 from .errors import KTChatError
 from .quant import QuantizedWeight, kt_int8
 
@@ -82,14 +83,6 @@ def file_name(proj: str, expert: int, nbytes: int, kind: str) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _slice_sizes(proj: str, hidden: int, inter: int, numa: int) -> dict[str, int]:
@@ -250,15 +243,15 @@ def _check_layer(experts: KTInt8Experts, entry: dict, schema: int) -> int:
 # ---- writing (tests, conversion) ----
 
 
-def write_int8_experts(root, layers: dict[int, dict[str, torch.Tensor]], *, use_kt_kernel: bool = True) -> Path:
+def write_int8_experts(root, layers: dict[int, dict[str, torch.Tensor]], *, writer=None) -> Path:
     """Writes {layer: {proj: [E, out, in] bf16 weights}} as a KT INT8 tree with a schema-2 manifest (one NUMA
-    slice). With use_kt_kernel and a build that has AMXInt8_MOE, kt_kernel quantizes and writes the .kt files
-    itself; else ktchat writes the same bytes (quant.kt_int8 + pack). Returns the manifest's path."""
+    slice). `writer(root, layer, weights)` writes one layer's .kt files (experts.kt_backend.kt_int8_writer():
+    kt_kernel's own quantize-and-save); None: ktchat writes the same bytes (quant.kt_int8 + pack). Returns the
+    manifest's path."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     first = next(iter(layers.values()))
     e, i, h = first["gate"].shape
-    writer = _kt_kernel_writer() if use_kt_kernel else None
     for layer, weights in sorted(layers.items()):
         (writer or _own_writer)(root, layer, {p: weights[p].to(torch.bfloat16).contiguous() for p in PROJS})
     entries = []
@@ -286,30 +279,3 @@ def _own_writer(root: Path, layer: int, weights: dict[str, torch.Tensor]) -> Non
             quant, scale = pack(q.data).numpy().tobytes(), q.scale.reshape(-1).numpy().tobytes()
             (out / file_name(proj, expert, len(quant), "quant")).write_bytes(quant)
             (out / file_name(proj, expert, len(scale), "scale")).write_bytes(scale)
-
-
-def _kt_kernel_writer():
-    """kt_kernel's own online-quantize-and-save (AMXInt8_MOE with save=True), or None where this build lacks it."""
-    try:
-        from .experts import kt_backend
-
-        moe = kt_backend.kt_ext().moe
-    except KTChatError:
-        return None
-    if not hasattr(moe, "AMXInt8_MOE"):
-        return None
-
-    def write(root: Path, layer: int, weights: dict[str, torch.Tensor]) -> None:
-        e, i, h = weights["gate"].shape
-        pool = kt_backend.cpu_infer()
-        mask, p2l = torch.zeros(e, dtype=torch.bool), torch.arange(e, dtype=torch.int64)
-        cfg = moe.MOEConfig(e, min(2, e), h, i, mask.data_ptr())
-        cfg.layer_idx, cfg.pool, cfg.max_len = layer, pool.backend_, kt_backend._M_STEP
-        cfg.save, cfg.load, cfg.path = True, False, str(root)
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
-        with kt_backend.captured(f"layer {layer}: kt_kernel AMXInt8_MOE save"):
-            kernel = moe.AMXInt8_MOE(cfg)
-            kt_backend._run(pool, kernel.load_weights_task(p2l.data_ptr()))
-        del kernel
-
-    return write

@@ -6,7 +6,6 @@ its rank and alpha live only in the manifest, which also records size and sha256
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,7 +17,7 @@ from .core import ExpertLoRA, Problems
 from .keys import kt_fused_key, parse_kt_fused_key
 from .kt_provenance import Provenance, read_provenance
 from .sources import load_pair
-from ..checkpoint import LORA_DTYPES, st_name
+from ..checkpoint import LORA_DTYPES, sha256_file, st_name
 from .weights import AdapterWeights
 
 logger = logging.getLogger(__name__)
@@ -48,14 +47,6 @@ class KTManifest:
     def name_template(self, layer: int, proj: str) -> str:
         template = self.expert_modules.get(proj, DEFAULT_EXPERT_MODULE)
         return template.replace("{layer}", str(layer)).replace("{proj}", proj)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(adapter_dir: Path, problems: Problems) -> KTManifest | None:

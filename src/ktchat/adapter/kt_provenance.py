@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint import sha256_file
 from .core import Problems
 
 logger = logging.getLogger(__name__)
@@ -177,14 +178,6 @@ def _check_quantization(path: Path, fmt: str, quantization, problems: Problems) 
 # ---- fingerprints, recomputed from the files ----
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _canonical_sha256(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -196,7 +189,7 @@ def source_fingerprint(model_dir: Path) -> str | None:
     if not (config.is_file() and index.is_file()):
         return None
     digest = hashlib.sha256(b"kt-source-checkpoint-v2\0")
-    digest.update(_sha256_file(config).encode() + b"\0" + _sha256_file(index).encode())
+    digest.update(sha256_file(config).encode() + b"\0" + sha256_file(index).encode())
     return digest.hexdigest()
 
 
@@ -273,7 +266,7 @@ def check_routed(prov: Provenance, path: Path, problems: Problems, root: Path | 
         problems.add(f"{path}: {key}: {manifest or rec.get('path')} not found (training's pre-converted experts; "
                      "set kt_weight_path to where they are now)")
         return None
-    digest = _sha256_file(manifest)
+    digest = sha256_file(manifest)
     if digest != rec.get("manifest_sha256"):
         problems.add(f"{path}: {key}.manifest_sha256 {_short(rec.get('manifest_sha256'))} but {manifest} has sha256 "
                      f"{_short(digest)}: the expert weights changed since training")

@@ -502,3 +502,28 @@ def auto_choice(method: str = "bf16") -> tuple[bool, str]:
     exact = unavailable_reason("exact", method) is None
     mode = "exact LoRA (SFT kernel)" if exact else "merged LoRA (no SFT kernel in this build)"
     return True, f"kt_kernel variant '{cpu_variant()}' runs {method} experts here, {mode}"
+
+
+def kt_int8_writer():
+    """kt_kernel's own online-quantize-and-save (AMXInt8_MOE with save=True), or None where this build lacks it."""
+    try:
+        moe = kt_ext().moe
+    except KTChatError:
+        return None
+    if not hasattr(moe, "AMXInt8_MOE"):
+        return None
+
+    def write(root, layer: int, weights: dict[str, torch.Tensor]) -> None:
+        e, i, h = weights["gate"].shape
+        pool = cpu_infer()
+        mask, p2l = torch.zeros(e, dtype=torch.bool), torch.arange(e, dtype=torch.int64)
+        cfg = moe.MOEConfig(e, min(2, e), h, i, mask.data_ptr())
+        cfg.layer_idx, cfg.pool, cfg.max_len = layer, pool.backend_, _M_STEP
+        cfg.save, cfg.load, cfg.path = True, False, str(root)
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = (weights[p].data_ptr() for p in PROJS)
+        with captured(f"layer {layer}: kt_kernel AMXInt8_MOE save"):
+            kernel = moe.AMXInt8_MOE(cfg)
+            _run(pool, kernel.load_weights_task(p2l.data_ptr()))
+        del kernel
+
+    return write

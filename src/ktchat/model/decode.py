@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import mla
+from .registry import arch_for
 from .moe import CPUExperts
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class StaticDecode:
         self._lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
         self._adapters_held = None  # the PEFT adapter state the held conversation was computed under
         # MLA (DeepSeek-V2/V3) steps attend on the latent cache, absorbed: the step's GPU time stays flat with context
-        self.absorbed = mla.install(model)
+        self.absorbed = mla.install(model, _absorbed_rope(model.config))
 
     def generate(self, *args, **kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -307,3 +308,12 @@ def enable_static_decode(model: nn.Module, cuda_graphs: bool) -> StaticDecode:
     """Installs StaticDecode on `model` (a PEFT model is looked through); returns it."""
     existing = static_decode_of(model)
     return existing if existing is not None else StaticDecode(_inner(model), cuda_graphs)
+
+
+def _absorbed_rope(config):
+    """The family's rope for absorbed MLA (MoEArch.absorbed_mla), or None: not MLA, or a model ktchat's registry
+    does not know (left as it is)."""
+    try:
+        return arch_for(config).absorbed_mla
+    except Exception:  # noqa: BLE001
+        return None

@@ -156,15 +156,9 @@ def _adapter_state(proj: nn.Module):
             getattr(proj, "merged", None), tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None)
 
 
-def install(model: nn.Module) -> list[AbsorbedMLA]:
-    """Absorbed decoding on every MLA attention of `model` whose family names it (MoEArch.absorbed_mla) and whose
-    transformers caches latents; [] elsewhere."""
-    from .registry import arch_for
-
-    try:
-        rope = arch_for(model.config).absorbed_mla
-    except Exception:  # noqa: BLE001 - a model ktchat did not load: leave it as it is
-        return []
+def install(model: nn.Module, rope) -> list[AbsorbedMLA]:
+    """Absorbed decoding on every MLA attention of `model`, with its family's rope (MoEArch.absorbed_mla; None:
+    not MLA), where transformers caches latents; [] elsewhere."""
     if rope is None:
         return []
     installed = []
