@@ -479,13 +479,14 @@ print("REPLIES=" + json.dumps(replies))
 
 
 @needs_lf
-def test_webchat_model_answers_through_ktchat(lf_config):
-    """webchat's UI needs gradio, which this environment leaves out; WebChatModel is what that UI drives."""
+def test_webchat_model_answers_through_ktchat(lf_config, tmp_path):
+    """webchat's UI needs gradio, which .venv-lf leaves out; WebChatModel is what that UI drives (in tmp_path: the
+    web UI's modules write a llamaboard_cache folder where they run)."""
     from ktchat.tinymodels import TRAINED_QA
 
     questions = json.dumps([q for q, _ in TRAINED_QA])
     out = subprocess.run([sys.executable, "-c", WEBCHAT_SCRIPT, str(lf_config()), questions], capture_output=True,
-                         text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=REPO)
+                         text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     replies = json.loads(out.stdout.split("REPLIES=", 1)[1].splitlines()[0])
     assert replies == [answer for _, answer in TRAINED_QA]
