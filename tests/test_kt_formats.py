@@ -222,6 +222,21 @@ def test_pre_converted_int8_loads_as_is(tiny, kt_adapter, int8_set, int8_referen
     assert rel_err(logits(model, ids), logits(int8_reference, ids)) < FP32_BOUND
 
 
+def test_kt_weight_path_names_the_int8_set(tiny, kt_adapter, int8_set, int8_reference, chat_prompts, tmp_path,
+                                           caplog):
+    """kt_weight_path (LLaMA-Factory's key) points at the INT8 set when the manifest names none; it needs int8."""
+    adapter = with_manifest(kt_adapter, tmp_path / "a", expert_weight_format="int8")
+    with caplog.at_level(logging.INFO, logger="ktchat"):
+        model, _ = load_model(tiny.model, adapter, experts_backend="torch", dtype="float32", device=DEVICE,
+                              kt_weight_path=str(int8_set))
+    assert f"KT's pre-converted INT8 from {int8_set} (kt_weight_path)" in caplog.text
+    ids = chat_prompts[0]
+    assert rel_err(logits(model, ids), logits(int8_reference, ids)) < FP32_BOUND
+    with pytest.raises(KTChatError, match=r"kt_weight_path is KT's routed INT8 set; the experts run bf16"):
+        load_model(tiny.model, adapter, experts_backend="torch", dtype="float32", device=DEVICE, kt_method="bf16",
+                   kt_weight_path=str(int8_set))
+
+
 def test_wrong_int8_scales_break_the_match(tiny, kt_adapter, int8_set, int8_reference, chat_prompts, tmp_path):
     """Scales of one layer's experts doubled (manifest rewritten to match): loads, and misses the reference."""
     bad = tmp_path / "int8"
