@@ -82,7 +82,7 @@ def read_manifest(adapter_dir: Path, problems: Problems) -> KTManifest | None:
     if not isinstance(tensors, dict):
         problems.add(f"{path}: artifacts.{FUSED_NAME}.tensors must be an object {{key: {{shape, dtype}}}}")
         tensors = {}
-    if "tensor_count" in fused and fused["tensor_count"] != len(tensors):
+    if "tensor_count" in fused and "tensors" in fused and fused["tensor_count"] != len(tensors):
         problems.add(f"{path}: artifacts.{FUSED_NAME}.tensor_count {fused['tensor_count']!r} but tensors lists "
                      f"{len(tensors)}")
     return KTManifest(path, rank, float(alpha), provenance.base.get("model_name_or_path"), provenance.weight_format,
