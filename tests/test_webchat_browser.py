@@ -3,8 +3,8 @@
 Runs where LLaMA-Factory, gradio and selenium are installed and Debian's chromium + chromedriver are on PATH
 (.venv-lfkt; scripts/install_lfkt.sh installs all of them). webchat loads the YAML's model as it starts (its page
 has no load button: that is `llamafactory-cli webui`'s Chat tab); the test waits until the page is served, asks a
-trained question in the page's box, reads the streamed answer off the page and saves a screenshot to
-docs/webchat-kt.png.
+trained question in the page's box, reads the streamed answer off the page and saves a screenshot (in the test's
+tmp folder; `KTCHAT_WEBCHAT_SCREENSHOT=docs/webchat-kt.png` refreshes the one in docs/).
 """
 
 import importlib.util
@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT = REPO / "docs" / "webchat-kt.png"
 MISSING = [name for name in ("llamafactory", "gradio", "selenium") if importlib.util.find_spec(name) is None]
 MISSING += [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed here: {', '.join(MISSING)} "
@@ -96,7 +94,7 @@ def _bot_text(driver) -> str:
     return messages[-1].text.strip() if messages else ""
 
 
-def test_webchat_in_a_browser_answers_through_ktchat(webchat, browser):
+def test_webchat_in_a_browser_answers_through_ktchat(webchat, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -117,8 +115,8 @@ def test_webchat_in_a_browser_answers_through_ktchat(webchat, browser):
     time.sleep(1)
     reply = _bot_text(browser)
     browser.execute_script("window.scrollTo(0, 0)")  # the send scrolled the page down to the query box
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    screenshot = Path(os.environ.get("KTCHAT_WEBCHAT_SCREENSHOT") or tmp_path / "webchat-kt.png")
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
     assert reply == answer
     user = browser.find_elements(By.CSS_SELECTOR, '[data-testid="user"]')
     assert user and user[-1].text.strip() == question
