@@ -8,15 +8,14 @@
 # - the CPU torch the other environments use (accelerate-kt pins torch==2.9.1 and llamafactory-kt pulls
 #   torchaudio/torchvision, which pin CUDA torch builds): the forks and llamafactory-kt go in with --no-deps, their
 #   own requirements from requirements/lfkt.txt;
-# - torchaudio with --no-deps and without its native extension, as in .venv-lf (scripts/install_llamafactory.sh);
+# - torchaudio with --no-deps and without its native extension (scripts/venv_steps.sh says why);
 # - Debian's chromium and chromium-driver for the webchat browser test (apt, as root; skipped where present or
 #   where KTCHAT_NO_BROWSER=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-lfkt}
 req=requirements/lfkt.txt
-stamp="$venv/.ktchat-installed"
-want="$(cat "$req" pyproject.toml "$0" | sha256sum | cut -d' ' -f1)"
+source scripts/venv_steps.sh
 start=$SECONDS
 if [ "${KTCHAT_NO_BROWSER:-0}" != 1 ] && ! command -v chromedriver >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -27,20 +26,11 @@ if [ "${KTCHAT_NO_BROWSER:-0}" != 1 ] && ! command -v chromedriver >/dev/null; t
     echo "chromedriver is missing and apt-get cannot run here: the webchat browser test will be skipped" >&2
   fi
 fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-python3 -m venv "$venv"
-py="$venv/bin/python"
-pip="$py -m pip"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first and pinned: a bare 'torch' requirement would otherwise pull a CUDA build.
-$pip install -q "$(grep -E '^torch==' "$req")"
-$pip install -q -r "$req"
+if venv_is_current; then exit 0; fi
+venv_create
 $pip install -q --no-deps transformers-kt==5.6.0.post6 peft-kt==0.18.1 accelerate-kt==1.14.0.post4 trl-kt==0.24.0 \
-  llamafactory-kt==0.9.6.dev0 torchaudio==2.11.0 kt-kernel==0.7.2
-ta_lib="$($py -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("torchaudio").origin).parent / "lib")')"
-rm -f "$ta_lib"/*.so
+  llamafactory-kt==0.9.6.dev0 kt-kernel==0.7.2
+torchaudio_pure_python 2.11.0
 # As a user adds ktchat to this environment (README): its dependencies are the modules, not the upstream packages.
 $pip install -q -e ".[serve]"
-"$py" -m ktchat.integrations.llamafactory enable
-echo "$want" > "$stamp"
-echo "$venv ready in $((SECONDS - start)) s ($(du -sh "$venv" | cut -f1))"
+venv_done hook

@@ -10,11 +10,9 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 from ktchat.errors import KTChatError
 from ktchat.integrations import importhook
 from ktchat.integrations.llamafactory import hook, pth
+from servers import free_port, running
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_LF = importlib.util.find_spec("llamafactory") is not None
@@ -404,12 +403,6 @@ def test_llamafactory_cli_chat_accepts_every_key_ktchat_documents(lf_tiny, tmp_p
     assert "[ktchat] ignored: " in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(url: str, payload=None, timeout=120):
     data = json.dumps(payload).encode() if payload is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -417,34 +410,24 @@ def _http(url: str, payload=None, timeout=120):
         return json.loads(response.read())
 
 
+def _answers(url: str) -> bool:
+    try:
+        _http(url, timeout=5)
+        return True
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
 @contextlib.contextmanager
 def _lf_api(config: Path, log_path: Path):
     """The real `llamafactory-cli api CONFIG` on a free port of 127.0.0.1; yields its base URL once it answers."""
-    port = _free_port()
-    log = open(log_path, "w+")
+    port = free_port()
     env = {**os.environ, **ENV, "API_HOST": "127.0.0.1", "API_PORT": str(port)}
     cli = Path(sys.executable).parent / "llamafactory-cli"
-    server = subprocess.Popen([str(cli), "api", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + LF_TIMEOUT
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the API server did not come up"
-            try:
-                _http(f"{base}/v1/models", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1)
+    with running([str(cli), "api", str(config)], env=env, cwd=REPO, log_path=log_path,
+                 ready=lambda: _answers(f"{base}/v1/models"), timeout=LF_TIMEOUT, what="the API server"):
         yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @needs_lf

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,17 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servers import free_port, running
+
 MISSING = [name for name in ("llamafactory", "gradio", "selenium") if importlib.util.find_spec(name) is None]
 MISSING += [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed here: {', '.join(MISSING)} "
                                 "(scripts/install_lfkt.sh makes .venv-lfkt with them; scripts/test.sh runs this there)")
 START_TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -40,35 +35,23 @@ def webchat(tiny, tmp_path):
         "model_name_or_path": str(tiny.model), "adapter_name_or_path": str(tiny.adapter), "use_kt": True,
         "infer_backend": "huggingface", "lora_rank": 8, "kt_config": {"kt_num_threads": 1}, "do_sample": False,
         "max_new_tokens": 32}))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "KTCHAT_LLAMAFACTORY_HOOK": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "BROWSER": "true"}  # launch(inbrowser=True) opens nothing
     log_path = tmp_path / "webchat.log"
-    log = open(log_path, "w")
     cli = Path(sys.executable).parent / "llamafactory-cli"
-    server = subprocess.Popen([str(cli), "webchat", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                              cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
+    with running([str(cli), "webchat", str(config)], env=env, cwd=tmp_path, log_path=log_path,
+                 ready=lambda: _listening(port), timeout=START_TIMEOUT, what="webchat"):
+        yield f"http://127.0.0.1:{port}", log_path
+
+
+def _listening(port: int) -> bool:
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"webchat did not serve {url}: {log_path.read_text()[-3000:]}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(1)
-        yield url, log_path
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
