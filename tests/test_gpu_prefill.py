@@ -123,7 +123,7 @@ def test_dropping_expert_lora_breaks_the_match(tiny, reference, reference_withou
 @pytest.mark.parametrize("kwargs, message", [
     ({"gpu_prefill_tokens": 0}, "gpu_prefill_tokens must be auto, off or an integer >= 1 (got 0)"),
     ({"gpu_prefill_tokens": "fast"}, "gpu_prefill_tokens must be auto, off or an integer >= 1 (got 'fast')"),
-    ({"gpu_prefill_gib": -1}, "gpu_prefill_gib must be a number > 0 (got -1)"),
+    ({"gpu_prefill_gib": -1}, "gpu_prefill_gib must be a finite number > 0 (got -1)"),
     ({"gpu_prefill_tokens": "auto"}, "gpu_prefill_tokens: auto measures the host-to-GPU link, but the model is on cpu"),
 ])
 def test_bad_settings_are_one_line(tiny, kwargs, message):

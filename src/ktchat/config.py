@@ -100,6 +100,17 @@ def _check_number(key: str, value: Any, low: float, high: float = float("inf"), 
     _fail(key, value, f"a finite number {bounds}" if high == float("inf") else f"a number {bounds}")
 
 
+def check_gpu_prefill_settings(tokens: Any, gib: Any) -> tuple:
+    """The GPU-prefill settings' one rule, for the YAML and for load_model's callers alike: (tokens, gib) with a
+    YAML `off` read as false turned back into "off"; gib stays None where left out."""
+    tokens = "off" if tokens is False else tokens
+    if tokens not in (None, "auto", "off") and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        _fail("gpu_prefill_tokens", tokens, "auto, off or an integer >= 1")
+    if gib is not None:
+        _check_number("gpu_prefill_gib", gib, 0, low_open=True)
+    return tokens, gib
+
+
 def _check_bool(key: str, value: Any, optional: bool = False) -> None:
     if not isinstance(value, bool) and not (value is None and optional):
         _fail(key, value, "true or false" + (" (or left out)" if optional else ""))
@@ -173,12 +184,8 @@ class ModelArgs:
                               "leave it out")
 
     def _check_gpu_prefill(self) -> None:
-        tokens = "off" if self.gpu_prefill_tokens is False else self.gpu_prefill_tokens
-        if tokens not in (None, "auto", "off") and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            _fail("gpu_prefill_tokens", tokens, "auto, off or an integer >= 1")
+        tokens, _ = check_gpu_prefill_settings(self.gpu_prefill_tokens, self.gpu_prefill_gib)
         object.__setattr__(self, "gpu_prefill_tokens", tokens)
-        if self.gpu_prefill_gib is not None:
-            _check_number("gpu_prefill_gib", self.gpu_prefill_gib, 0, low_open=True)
 
     def _check_kt(self) -> None:
         """use_kt means our CPU experts inside transformers, so it cannot combine with another engine."""

@@ -9,6 +9,7 @@ import time
 import torch
 from torch import nn
 
+from ..config import check_gpu_prefill_settings
 from ..errors import KTChatError
 from ..experts import ExpertsBackend
 
@@ -221,12 +222,8 @@ def enable_gpu_prefill(model: nn.Module, tokens="auto", gib: float = GPU_PREFILL
 
 def check_gpu_prefill(tokens, gib, device=None) -> tuple:
     """Validates the two GPU-prefill settings before any slow work; returns (tokens, gib) normalised."""
-    if not (tokens in (None, "auto", "off") or (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1)):
-        raise KTChatError(f"gpu_prefill_tokens must be auto, off or an integer >= 1 (got {tokens!r})")
-    if gib is None:
-        gib = GPU_PREFILL_DEFAULT_GIB
-    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf"):
-        raise KTChatError(f"gpu_prefill_gib must be a number > 0 (got {gib!r})")
+    tokens, gib = check_gpu_prefill_settings(tokens, gib)
+    gib = GPU_PREFILL_DEFAULT_GIB if gib is None else gib
     if tokens == "auto" and (str(device) == "cpu" or (device is None and not torch.cuda.is_available())):
         raise KTChatError("gpu_prefill_tokens: auto measures the host-to-GPU link, but the model is on cpu")
     return tokens, float(gib)
