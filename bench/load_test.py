@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -46,7 +47,10 @@ def start_server(config: str, log_path: Path, *extra: str, command=None, env=Non
     port = free_port()
     cmd = [*(command or [sys.executable, "-m", "ktchat.cli", "api"]), str(config), "--port", str(port), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+    # SIGINT back to its default in the server: a shell's background job starts with it ignored, and then neither
+    # Ctrl+C's shutdown ends in KeyboardInterrupt (exit 130) nor does stop() by SIGINT test what a terminal does
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
