@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from load_test import free_port  # noqa: E402,F401  (the one free-port helper; the tests take it from here)
 
 
 @contextlib.contextmanager
