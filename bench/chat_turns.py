@@ -4,6 +4,7 @@ The bench's random-weight model and rank-8 adapter (bench/model_bench.py writes 
 
     python bench/chat_turns.py --layers 27 --turns 10 --turn-tokens 300       # V2-Lite size, on the GPU machine
     python bench/chat_turns.py --layers 2 --turns 4 --turn-tokens 100 --device cpu --variants kt-exact
+    python bench/chat_turns.py --family qwen3_5_moe_text --thinking    # a template that rewrites the last prompt's end
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import model_bench  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
             "{% if add_generation_prompt %}assistant : {% endif %}")
+# As Qwen's templates drop earlier turns' reasoning: the generation prompt opens a thinking note that the history, once
+# the reply is in it, renders without (so each prompt rewrites the end of the one before)
+THINKING_TEMPLATE = TEMPLATE.replace("assistant : {% endif %}", "assistant : think w1 w2 w3 : {% endif %}")
 
 
 def turns(n: int, words: int, vocab: int, seed: int = 0) -> list[str]:
@@ -32,14 +36,14 @@ def turns(n: int, words: int, vocab: int, seed: int = 0) -> list[str]:
 def run(session, texts: list[str]) -> list[dict]:
     rows = []
     for text in texts:
-        prompt = len(session.input_ids(text)[0])
+        prompt = len(session.prompt_ids(text))
         start = time.perf_counter()
         first = None
         for piece in session.stream(text):
             if first is None and piece.strip():
                 first = time.perf_counter() - start
         rows.append({"prompt_tokens": prompt, "ttft_s": first, "turn_s": time.perf_counter() - start,
-                     "reused": session.kept.reused if session.kept is not None else 0})
+                     "reused": session.engine.last_reused})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--turn-tokens", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--thinking", action="store_true", help="a template whose prompts rewrite the previous one's end")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variants", nargs="+", default=["kt-exact"], help="model_bench variants (ktchat ones)")
     ap.add_argument("--json", type=Path)
@@ -64,23 +69,18 @@ def main() -> None:
 
     from ktchat.config import GenerationArgs
     from ktchat.generate import ChatSession, Prompts
-    from ktchat.model.decode import static_decode_of
 
     tok = AutoTokenizer.from_pretrained(root / "model")
-    tok.chat_template = TEMPLATE
+    tok.chat_template = THINKING_TEMPLATE if args.thinking else TEMPLATE
     texts = turns(args.turns, args.turn_tokens, cfg["vocab_size"])
     generation = GenerationArgs(do_sample=False, max_new_tokens=args.new_tokens)
     result = {"command": " ".join(sys.argv), "family": args.family, "layers": cfg["num_hidden_layers"], "runs": {}}
     for name in args.variants:
         engine, kwargs = model_bench.variant(name)
         model = model_bench.load(engine, root, dict(kwargs, device=args.device) if args.device == "cpu" else kwargs)
-        static = static_decode_of(model)
         for kept in (True, False):
             session = ChatSession(model, tok, generation, Prompts(model, tok))
-            if not kept:
-                session.kept = None
-            if static is not None:
-                static.keep_conversation, static.held = kept, []
+            session.engine.keep(1 if kept else 0)
             session.reply(texts[0][:50])  # warm-up (graph capture, first kernels), then a fresh conversation
             session.clear()
             label = f"{name} {'kept cache' if kept else 'whole conversation'}"

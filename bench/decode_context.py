@@ -1,7 +1,6 @@
 """Decode speed at a given context, on bench/model_bench.py's random-weight checkpoint (V2-Lite-sized, rank-8
 adapter): milliseconds per token at each context, the graph replay (GPU work + CPU experts) and the CPU experts
-alone, and for ktchat exact also with MLA's absorbed decode turned off (transformers decompresses the latent cache
-every step). The CPU-bandwidth floor (active routed-expert bytes / measured read bandwidth) goes beside it.
+alone. The CPU-bandwidth floor (active routed-expert bytes / measured read bandwidth) goes beside it.
 
     python bench/decode_context.py --contexts 512 4096 --variants kt-exact kt-merged-bf16 kt-merged-int8 hf-peft
     python bench/decode_context.py --layers 2 --contexts 64 256 --variants kt-exact --new-tokens 8   # a quick look
@@ -45,21 +44,10 @@ def step_times(model, ids, new_tokens: int) -> tuple[list[float], list[int]]:
     return [b - a for a, b in zip(stamps, stamps[1:])][1:], out[0, ids.shape[1]:].tolist()
 
 
-def breakdown(static, repeats: int = 20) -> dict:
+def breakdown(model) -> dict:
     """The captured step replayed where the cache now stands (the context just decoded), and the CPU experts alone."""
-    if static is None or static._graph is None:
-        return {}
-    replay = [model_bench.timed(static._graph.replay) for _ in range(repeats)]
-    bound = [e._bound[0] for e in static._experts]
-
-    def experts():
-        for b in bound:
-            b.submit()
-            b.wait()
-
-    cpu = [model_bench.timed(experts) for _ in range(repeats)]
-    return {"replay_ms": 1000 * statistics.median(replay), "experts_ms": 1000 * statistics.median(cpu),
-            "cache_len": static.cache_len}
+    figures = model_bench.engine_figures(model)
+    return {k: v for k, v in figures.items() if k in ("replay_ms", "experts_ms")}
 
 
 def run_variant(name: str, root: Path, family: str, contexts: list[int], new_tokens: int) -> dict:
@@ -72,28 +60,14 @@ def run_variant(name: str, root: Path, family: str, contexts: list[int], new_tok
     model = globals().pop("_model")
     gen = torch.Generator().manual_seed(0)
     result = {"variant": name, "load_s": load_s, "contexts": {}}
-    from ktchat.model.decode import static_decode_of
-
-    static = static_decode_of(model)
-    modes = [("absorbed", True), ("decompressed", False)] if static is not None and static.absorbed else [("", None)]
     with torch.no_grad():
         model.generate(torch.randint(0, 100000, (1, 32), generator=gen).cuda(), max_new_tokens=4)  # warm-up
         for n in contexts:
             ids = torch.randint(0, 100000, (1, n), generator=gen).cuda()
-            for mode, on in modes:
-                if on is not None:
-                    for attn in static.absorbed:
-                        attn.enabled = on
-                    static._signature = None  # captured again, with this attention
-                steps, tokens = step_times(model, ids, new_tokens)  # the second mode reuses the kept prompt
-                row = {"decode_ms": 1000 * statistics.median(steps), "steps": len(steps), **breakdown(static)}
-                if mode == "absorbed":
-                    absorbed_tokens = tokens
-                elif mode:  # bf16 on a random model: equal up to a near-tie
-                    row["tokens_equal_absorbed"] = next((i for i, (a, b) in enumerate(zip(tokens, absorbed_tokens))
-                                                         if a != b), len(tokens))
-                result["contexts"][f"{n}{'-' + mode if mode else ''}"] = row
-                print(name, n, mode, json.dumps(row), file=sys.stderr, flush=True)
+            steps, _ = step_times(model, ids, new_tokens)
+            row = {"decode_ms": 1000 * statistics.median(steps), "steps": len(steps), **breakdown(model)}
+            result["contexts"][str(n)] = row
+            print(name, n, json.dumps(row), file=sys.stderr, flush=True)
     result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 

@@ -276,7 +276,7 @@ def import_engine(engine: str, family: str) -> None:
     if engine.startswith("ktchat"):
         import kt_kernel  # noqa: F401
 
-        import ktchat.model.decode  # noqa: F401
+        import ktchat.engine  # noqa: F401
 
 
 def timed(fn) -> float:
@@ -310,21 +310,32 @@ def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens:
         prefill = [timed(lambda: model(ids)) for _ in range(repeats)]
         total = [timed(lambda: model.generate(ids, **gen)) for _ in range(repeats)]
     decode = [(t - p) / (new_tokens - 1) for t, p in zip(total, prefill)]
-    from ktchat.model.decode import static_decode_of  # after the timings: the hf variants import no ktchat before
-
-    static = static_decode_of(model)
-    cache = static.cache if static is not None else None
-    breakdown = decode_breakdown(static) if static is not None and static._graph is not None else {}
     return {
-        **breakdown,
+        **engine_figures(model),
         "variant": name, "load_s": load_s, "import_s": import_s, "prefill_tok_s": prompt_len / statistics.median(prefill),
         "decode_tok_s": 1 / statistics.median(decode), "decode_ms": 1000 * statistics.median(decode),
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "cpu_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "graph": bool(static is not None and static._graph is not None),
-        "kv_cache_gib": sum(t.nbytes for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values)
-                            if torch.is_tensor(t)) / 2**30,
     }
+
+
+def engine_figures(model) -> dict:
+    """The engine's side of a ktchat run (after the timings: the hf variants import no ktchat before): whether the
+    decode step was one CUDA graph, the cache's size, and where a graphed token goes."""
+    from ktchat import KTChatError
+    from ktchat.model import engine_of
+
+    try:
+        engine = engine_of(model)
+    except KTChatError:  # plain transformers (+ PEFT)
+        return {"graph": False, "kv_cache_gib": 0.0}
+    captured = list(engine.runner._captured.values())
+    cache = engine.cache
+    figures = {"graph": bool(captured), "eager_reason": engine.runner.eager_reason,
+               "kv_cache_gib": cache.slots * cache.slot_bytes() / 2**30 if cache is not None else 0.0}
+    if captured:
+        figures.update(decode_breakdown(engine, captured[-1]))
+    return figures
 
 
 def run_prefill(name: str, root: Path, family: str, lengths: list[int], repeats: int) -> dict:
@@ -421,14 +432,11 @@ def prefill_report(rows: list[dict], lengths: list[int]) -> None:
                   + ", ".join(f"{n}: {n / r['prefill'][str(n)]['tok_s'] / r['floor_s']:.2f}x floor" for n in lengths))
 
 
-def decode_breakdown(static, repeats: int = 20) -> dict:
+def decode_breakdown(engine, graph, repeats: int = 20) -> dict:
     """Where a graphed decode token goes: the graph alone (GPU work + CPU experts inside), and the CPU experts
     alone (every layer's bound task run from the host on the same buffers)."""
-    import torch
-
-    static.cache.reset()  # replays write at the cache's own position: start it from 0
-    replay = [timed(static._graph.replay) for _ in range(repeats)]
-    bound = [e._bound[0] for e in static._experts]
+    replay = [timed(graph.graph.replay) for _ in range(repeats)]
+    bound = [e._bound[0] for e in engine.runner.experts]
 
     def experts():
         for b in bound:

@@ -67,15 +67,3 @@ def tiny_family():
         return built[name]
 
     return build
-
-
-@pytest.fixture
-def static_decode_capable():
-    """Skips where ktchat's static decode stays off: transformers whose StaticCache sizes values like keys."""
-    from transformers.cache_utils import StaticLayer
-
-    from ktchat.model.decode import _separate_value_width
-
-    if not _separate_value_width(StaticLayer):
-        pytest.skip("this transformers' StaticCache sizes values like keys (DeepSeek's MLA needs them apart): "
-                    "static decode stays off, decoding is eager")

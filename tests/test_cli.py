@@ -161,7 +161,10 @@ def test_chat_session_keeps_history_and_reraises(tiny):
     assert session.history[1]["content"] == "".join(pieces)
     session.clear()
     assert session.history == []
-    session._generate_kwargs["no_such_generate_arg"] = 1
-    with pytest.raises(ValueError, match="no_such_generate_arg"):
+    def fails(ids, scores):
+        raise ValueError("a logits processor that fails")
+
+    session._params = dataclasses.replace(session._params, processors=(fails,))
+    with pytest.raises(ValueError, match="a logits processor that fails"):
         session.reply(q1)
     assert session.history == []

@@ -39,8 +39,6 @@ MTP_FAMILIES = ("deepseek_v3", "glm4_moe")
 # 2.3-2.9e-7 on the prompts shorter than index_topk. Its references run on KT mode's device.
 SAME_DEVICE_REFERENCE = ("deepseek_v32",)  # sigmoid + bias routing, an MTP layer in the checkpoint
 TF4 = transformers.__version__.startswith("4.")
-EAGER_DECODE = {"qwen3_5_moe_text": "linear-attention layers", "qwen3_5_moe": "linear-attention layers",
-                "deepseek_v32": "non-KV layers (StaticIndexedLayer)"}  # the reason decode.py logs for eager decoding
 
 
 @dataclass
@@ -99,20 +97,25 @@ def test_greedy_equals_reference_and_gives_trained_answers(fam, kt_fp32):
         assert answer in fam.tok.decode(got, skip_special_tokens=True)
 
 
-def test_static_cache_decode_equals_reference(fam, static_decode_capable, caplog):
-    """Every family decodes on ktchat's static cache (its device-side mask and positions) as the reference does;
-    one whose cache holds linear-attention state (Qwen3.5-MoE) decodes eagerly, saying why, and just as well."""
-    from ktchat.model.decode import enable_static_decode
+def test_engine_decodes_every_family_as_the_reference(fam):
+    """Every family decodes on the engine's cache (its slots, device-side mask and positions; MLA latents absorbed,
+    Gated DeltaNet state, V3.2's indexer keys) as the reference does; a conversation going on continues its slot."""
+    from ktchat.model import engine_of
+
     model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="torch", dtype="float32", device=DEVICE)
-    static = enable_static_decode(model, cuda_graphs=False)
-    with caplog.at_level(logging.INFO, logger="ktchat.model.decode"):
-        for ids in fam.prompts[:2]:
-            assert greedy(model, ids) == greedy(fam.reference, ids)
-    if fam.name in EAGER_DECODE:
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("static decode off")]
-        assert static.cache is None and lines and all(EAGER_DECODE[fam.name] in line for line in lines)
-        return
-    assert static.cache is not None and static._signature is not None, "no step went through the static cache"
+    engine = engine_of(model)
+    def decoded(prompt):
+        steps = engine.runner.steps
+        tokens = greedy(model, prompt)
+        assert tokens == greedy(fam.reference, prompt)
+        assert engine.runner.steps - steps == len(tokens) - 1, "the engine did not decode"
+        return tokens
+
+    decoded(fam.prompts[1])
+    first = decoded(fam.prompts[0])
+    decoded(torch.cat([fam.prompts[0], torch.tensor([first]), fam.prompts[1]], dim=1))  # the conversation goes on
+    held = fam.prompts[0].shape[1] + len(first) - 1
+    assert engine.last_reused == held  # everything the slot held: the last prompt and its reply but its end
 
 
 def test_dropping_expert_lora_breaks_the_match(fam):

@@ -21,6 +21,7 @@ LAYERS = (
     ("config", "kt_weights"),
     ("adapter",),
     ("experts",),
+    ("engine",),
     ("model",),
     ("generate", "tinymodels"),
     ("serve", "integrations"),

@@ -340,63 +340,71 @@ def test_bad_config_or_port_is_one_line_exit_2(tmp_path):
 
 
 class FakeModel:
-    """Stands in for the MoE model in Engine unit tests: emits tokens 70, 71, ... and can block or fail."""
+    """Stands in for the MoE model in Service unit tests: its engine emits tokens 70, 71, ... and can block or fail."""
 
     device, generation_config = "cpu", None
     config = argparse.Namespace(max_position_embeddings=64, vocab_size=512)
 
     def __init__(self):
-        self.gate, self.prompts = threading.Event(), []
+        self.gate, self.prompts, self.ktchat_engine = threading.Event(), [], self
 
-    def generate(self, input_ids, streamer, stopping_criteria, max_new_tokens, **kwargs):
-        import torch
+    def keep(self, conversations, max_bytes=None):
+        pass
 
-        self.prompts.append(input_ids[0].tolist())
+    def kept(self):
+        return 0
+
+    def generate(self, prompt, params, on_token, stop, **kwargs):
+        from ktchat.engine import Generation
+
+        self.prompts.append(prompt)
         self.gate.wait(10)
-        if kwargs.get("repetition_penalty") == 2.0:
+        if params.repetition_penalty == 2.0:
             raise RuntimeError("boom")
-        streamer.put(input_ids)
-        for t in range(max_new_tokens):
-            input_ids = torch.cat([input_ids, torch.tensor([[70 + t]])], 1)
-            streamer.put(input_ids[0, -1:])
-            if stopping_criteria(input_ids, None).all():
+        out = Generation([], "length", 0)
+        for t in range(params.max_new_tokens):
+            out.tokens.append(70 + t)
+            on_token(70 + t)
+            if stop(None, None):
+                out.finish_reason = "stopped"
                 break
+        return out
 
 
-def test_engine_fifo_queue_cancel_errors_and_close(tiny):
+def test_service_fifo_queue_cancel_errors_and_close(tiny):
     from transformers import AutoTokenizer
 
     from ktchat.config import GenerationArgs
-    from ktchat.generate.engine import Engine, QueueFull
+    from ktchat.generate.service import QueueFull, Service
 
     from ktchat.generate import Prompts
 
     model, events, tokenizer = FakeModel(), [], AutoTokenizer.from_pretrained(tiny.model)
-    engine = Engine(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=4), Prompts(model, tokenizer),
-                    queue_size=2, kept_caches=0)
-    jobs = [engine.prepare([{"role": "user", "content": f"q{i}"}], lambda k, p, i=i: events.append((i, k, p)))
+    service = Service(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=4), Prompts(model, tokenizer),
+                     queue_size=2, kept_caches=0)
+    jobs = [service.prepare([{"role": "user", "content": f"q{i}"}], lambda k, p, i=i: events.append((i, k, p)))
             for i in range(5)]
-    engine.submit(jobs[0])
-    wait_for(lambda: engine.stats()["busy"])
-    engine.submit(jobs[1])
-    engine.submit(jobs[2])
+    service.submit(jobs[0])
+    wait_for(lambda: service.stats()["busy"])
+    service.submit(jobs[1])
+    service.submit(jobs[2])
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
-        engine.submit(jobs[3])
-    engine.cancel(jobs[1])  # leaves the queue at once, never reaches the model
-    assert (1, "done") in [e[:2] for e in events] and engine.stats()["waiting"] == 1
+        service.submit(jobs[3])
+    service.cancel(jobs[1])  # leaves the queue at once, never reaches the model
+    assert (1, "done") in [e[:2] for e in events] and service.stats()["waiting"] == 1
     model.gate.set()
     wait_for(lambda: sum(k == "done" for _, k, _ in events) == 3)
     assert [i for i, k, _ in events if k == "done"] == [1, 0, 2]  # FIFO among the ones that ran
     assert [p for i, k, p in events if k == "done" and i != 1][0].finish_reason == "length"
     assert len(model.prompts) == 2
     jobs[4].generation = GenerationArgs(do_sample=False, max_new_tokens=2, repetition_penalty=2.0)
-    engine.submit(jobs[4])  # generate raises: that request gets the error, the worker goes on
+    service.submit(jobs[4])  # generate raises: that request gets the error, the worker goes on
     wait_for(lambda: any(k == "error" for _, k, _ in events))
-    engine.submit(jobs[3])
+    service.submit(jobs[3])
     wait_for(lambda: (3, "done") in [e[:2] for e in events])
-    assert engine.stats() == {"waiting": 0, "busy": False, "served": 4, "queue_size": 2, "kept_caches": 0,
+    assert service.stats() == {"waiting": 0, "busy": False, "served": 4, "queue_size": 2, "kept_caches": 0,
                               "last_reused_tokens": 0}
-    engine.close()
-    assert not engine._thread.is_alive()
+    service.close()
+    assert not service._thread.is_alive()
     with pytest.raises(QueueFull, match="shutting down"):
-        engine.submit(jobs[0])
+        service.submit(jobs[0])

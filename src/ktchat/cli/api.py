@@ -81,15 +81,15 @@ def cmd_api(args) -> int:
     name = args.model_name or os.environ.get("API_MODEL_NAME") or Path(config.model.model_name_or_path).name
 
     from ..generate import open_session
-    from ..generate.engine import Engine
+    from ..generate.service import Service
     from ..serve.app import Server, run_uvicorn
 
     with bind_listener(host, port) as sock:
         session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
-        engine = Engine(session.model, session.tokenizer, config.generation, session.prompts,
-                        queue_size=args.queue_size, kept_caches=args.kept_caches,
-                        kept_cache_bytes=int(args.kept_cache_gib * (1 << 30)))
+        service = Service(session.model, session.tokenizer, config.generation, session.prompts,
+                          queue_size=args.queue_size, kept_caches=args.kept_caches,
+                          kept_cache_bytes=int(args.kept_cache_gib * (1 << 30)))
         logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
                     ", API key required" if api_key else "")
-        run_uvicorn(Server(engine, name, api_key).app(), engine, host, port, sock=sock)
+        run_uvicorn(Server(service, name, api_key).app(), service, host, port, sock=sock)
     return 0

@@ -84,8 +84,6 @@ class Prompts:
         config_ids = _as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         template_ids = _as_list(template.stop_token_ids) if template is not None else []
         self.stop_ids = list(dict.fromkeys(_as_list(tokenizer.eos_token_id) + config_ids + template_ids))
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else None)
 
     @classmethod
     def named(cls, model, tokenizer, template_name: Optional[str], default_system: Optional[str] = None) -> "Prompts":
@@ -98,18 +96,15 @@ class Prompts:
             logger.info("template: %s (LLaMA-Factory's)", template_name)
         return cls(model, tokenizer, template, default_system)
 
-    def generate_kwargs(self, generation) -> dict:
-        """The keyword arguments for `model.generate` under these settings (GenerationArgs).
+    def sampling(self, generation, **extra) -> "SamplingParams":
+        """The engine's settings for a reply under `generation` (GenerationArgs), ended by these prompts' stop ids;
+        `extra`: per-request fields (seed, logit_bias). Greedy where LLaMA-Factory would be (temperature 0 too)."""
+        from ..engine import SamplingParams
 
-        Sampling knobs are None when greedy, so a checkpoint's generation_config (which often sets temperature /
-        top_p) does not trigger transformers' "flag only used in sample mode" warnings.
-        """
-        kwargs = dict(max_new_tokens=generation.max_new_tokens, repetition_penalty=generation.repetition_penalty,
-                      eos_token_id=self.stop_ids or None, pad_token_id=self.pad_id)
-        if generation.greedy:
-            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {**kwargs, "do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p,
-                "top_k": generation.top_k}
+        sampled = {} if generation.greedy else dict(do_sample=True, temperature=generation.temperature,
+                                                    top_p=generation.top_p, top_k=generation.top_k)
+        return SamplingParams(max_new_tokens=generation.max_new_tokens, repetition_penalty=generation.repetition_penalty,
+                              stop_ids=tuple(self.stop_ids), **sampled, **extra)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         """The default system message in front, unless the conversation brings its own."""

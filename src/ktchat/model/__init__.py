@@ -15,7 +15,11 @@ check_libraries()  # one line naming a missing transformers/peft/accelerate, bef
 from .channels import ExpertLoRAInstall, load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
 from .registry import ARCHS, MoEArch, arch_for
 
-__all__ = ["ARCHS", "MoEArch", "load_model", "load_moe_lora_from_adapter", "offloaded_blocks"]
+# Absorbed MLA keeps only the latent (V2-Lite: 31 KB a token over 27 layers) and a step's cost barely grows with the
+# cache's length: its slots start long, so a growing chat is rarely moved into a bigger cache and captured again
+ABSORBED_MIN_CACHE_TOKENS = 4096
+
+__all__ = ["ARCHS", "MoEArch", "engine_of", "load_model", "load_moe_lora_from_adapter", "offloaded_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +51,9 @@ def load_model(
     device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
     device_map may also be a dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the
     compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
-    cuda_graphs (None: wherever everything but the experts sits on one CUDA device) decodes one-sequence `generate`
-    calls on a static KV cache, one CUDA graph per token with the CPU experts inside (ktchat.model.decode).
+    The model's `generate` runs on ktchat's engine (ktchat.engine): its own cache and loop, and with cuda_graphs
+    (None: wherever everything but the experts sits on one CUDA device) one CUDA graph per decoded token, the CPU
+    experts inside.
     gpu_prefill_tokens ("auto" | "off" | N; None: auto where the experts backend shares its host copy, i.e. torch,
     off for kt) runs the routed experts of prompts from N tokens on the GPU, streamed within gpu_prefill_gib
     (ktchat.model.moe.enable_gpu_prefill); "auto" or N with kt keeps kt's bf16 weights: a second host copy.
@@ -114,7 +119,7 @@ def load_model(
         experts.wait()
     phases.done("experts")
     backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
-    _decode_with_graphs(model, cuda_graphs)
+    _attach_engine(model, arch, cuda_graphs)
     wire_gpu_prefill(model, *gpu_prefill)
     logger.info(
         "loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
@@ -141,16 +146,30 @@ class _Phases:
         return ", ".join(f"{name} {s:.1f}s" for name, s in self._spent)
 
 
-def _decode_with_graphs(model, cuda_graphs: bool | None) -> None:
-    from .decode import enable_static_decode
+def engine_of(model):
+    """The generation engine load_model gave `model` (a PEFT model is looked through)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    engine = getattr(inner, "ktchat_engine", None)
+    if engine is None:
+        raise KTChatError(f"{type(inner).__name__} was not loaded by ktchat.load_model: it has no generation engine")
+    return engine
+
+
+def _attach_engine(model, arch: MoEArch, cuda_graphs: bool | None) -> None:
+    """The generation engine of the model (under PEFT, the transformers model's), which its `generate` runs on:
+    decode steps as CUDA graphs wherever everything but the experts sits on one GPU, unless cuda_graphs is false."""
+    from ..engine import MIN_CACHE_TOKENS, Engine
+    from .mla import AbsorbedMLA
 
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
     if cuda_graphs and not one_gpu:
         where = ", ".join(sorted(str(d) for d in devices))
         raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device (they are on {where})")
-    if one_gpu and cuda_graphs is not False:
-        enable_static_decode(model, cuda_graphs=True)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    absorbed = any(isinstance(m, AbsorbedMLA) for m in inner.modules())
+    inner.ktchat_engine = Engine(inner, graphs=one_gpu and cuda_graphs is not False, hybrid=arch.hybrid(inner.config),
+                                 min_cache_tokens=ABSORBED_MIN_CACHE_TOKENS if absorbed else MIN_CACHE_TOKENS)
 
 
 # The JSON files transformers reads from a model folder.

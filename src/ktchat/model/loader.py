@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, QuantLayout, open_checkpoint, quant_layout, st_name
+from ..engine.hf import generation_class
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from .moe import CPUExperts, OffloadedMoE, Router
@@ -55,7 +56,9 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False), _no_init_weights():
-        model = arch.auto_class().from_config(config)
+        # the family's class with ktchat's generate (engine.hf): callers of model.generate take ktchat's loop
+        model = generation_class(arch.auto_class()._model_mapping[type(config)])._from_config(config)
+        _own_layers(model, arch, config)
     for module in arch.vision_modules:  # their checkpoint tensors are skipped, with a log line (arch.skip_tensor)
         parent, _, name = module.rpartition(".")
         setattr(model.get_submodule(parent), name, None)
@@ -69,6 +72,18 @@ def build_skeleton(config, arch: MoEArch, make_backend, dtype: torch.dtype) -> S
         raise KTChatError(f"{config.model_type}: the model has no MoE layers to offload")
     arch.patch_model(model.get_submodule(arch.layers_path), arch.text_config(config))
     return Skeleton(model, arch, blocks)
+
+
+def _own_layers(model: nn.Module, arch: MoEArch, config) -> None:
+    """The decoder layers' modules the registry names (arch.owned_layers), built again as ktchat's subclass of their
+    transformers class (same parameters, same names), so they run on the engine's cache."""
+    text = arch.text_config(config)
+    for layer in model.get_submodule(arch.layers_path):
+        for name, build in arch.owned_layers:
+            module = getattr(layer, name, None)
+            owned = build(module, text) if module is not None else None
+            if owned is not None:
+                setattr(layer, name, owned)
 
 
 def _no_init_weights():

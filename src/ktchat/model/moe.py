@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import check_gpu_prefill_settings
+from ..engine.step import BindableExperts, bound_tokens
 from ..errors import KTChatError
 from ..experts import ExpertsBackend
 
@@ -31,13 +32,13 @@ class Router(nn.Linear):
             self.register_buffer(name, torch.zeros(num_experts, dtype=torch.float32))
 
 
-class CPUExperts(nn.Module):
+class CPUExperts(nn.Module, BindableExperts):
     """Moves hidden states to the CPU backend and the result back; holds no parameters of its own.
 
     From CUDA, the copies go through pinned buffers reused from token to token (decode calls every layer
-    once per token, so allocation and synchronisation cost is per-token latency). With `bind`, one-token steps
-    use fixed buffers and the backend's stream-queued task instead: no host sync at all, so a CUDA graph can
-    hold the whole step (ktchat.model.decode).
+    once per token, so allocation and synchronisation cost is per-token latency). With `bind`, the engine's decode
+    steps (ktchat.engine.step.bound_step) use fixed buffers and the backend's stream-queued task instead: no host
+    sync at all, so a CUDA graph can hold the whole step (ktchat.engine.runner).
     """
 
     def __init__(self, backend: ExpertsBackend):
@@ -47,7 +48,10 @@ class CPUExperts(nn.Module):
         self._event = None
         self._bound = None  # (BoundExperts, (x, ids, weights, out) fixed CPU buffers)
         self._bound_tokens = 0
-        self.use_bound = False  # set by the decode step while it runs
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
     def bind(self, tokens: int = 1) -> bool:
         """Fixed buffers for steps of `tokens` tokens; False where the backend has no stream-queued task."""
@@ -66,7 +70,7 @@ class CPUExperts(nn.Module):
         """Starts the copies to the CPU; from CUDA they are asynchronous, so GPU work queued next overlaps."""
         x = x.to(self.backend.spec.dtype)
         topk_ids, topk_weights = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
-        if self.use_bound and self._bound is not None and x.shape[0] == self._bound[1][0].shape[0]:
+        if self._bound is not None and bound_tokens() == x.shape[0] == self._bound_tokens:
             return self._stage_bound(x, topk_ids, topk_weights)
         if x.device.type != "cuda":
             return (x.to(_CPU), topk_ids.to(_CPU), topk_weights.to(_CPU)), None

@@ -16,7 +16,8 @@ import torch
 
 from ..adapter import ExpertPath
 from ..errors import KTChatError
-from .mla import rope_cos_sin, rope_freqs_cis
+from .linear_attention import slotted
+from .mla import absorbed, rope_cos_sin, rope_freqs_cis
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ def _no_skip(name: str, config) -> str | None:
 
 def _no_patch(layers, config) -> None:
     pass
+
+
+def _attention_cache(config) -> tuple[str, ...]:
+    return ("attention",) * config.num_hidden_layers
+
+
+def _latent_cache(config) -> tuple[str, ...]:
+    return ("latent",) * config.num_hidden_layers
+
+
+def _hybrid_cache(config) -> tuple[str, ...]:
+    """Qwen3.5-MoE: layer_types says which layers are Gated DeltaNet (a recurrent state) and which attend."""
+    return tuple("linear" if kind == "linear_attention" else "attention" for kind in config.layer_types)
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,12 @@ class MoEArch:
     text_config_attr: str | None = None
     vision_modules: tuple[str, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()  # (on-disk prefix, module prefix) where the shipped files differ
-    # MLA attention decoded absorbed on a latent cache (model/mla.py): the family's rope, (attn, q_pe, k_pe, pos)
-    absorbed_mla: Callable | None = None
+    # What each decoder layer caches (engine.cache): "attention" (KV), "latent" (MLA's compressed KV, and V3.2's
+    # indexer keys), "linear" (a recurrent state that cannot be cut back: the engine saves copies of it)
+    cache_kinds: Callable[[object], tuple[str, ...]] = _attention_cache
+    # Decoder-layer modules ktchat builds as its own subclass of transformers' class, so they run on the engine's cache
+    # (model/mla.py, model/linear_attention.py): (attribute, builder (module, text config) -> replacement or None)
+    owned_layers: tuple[tuple[str, Callable], ...] = ()
 
     def module_name(self, key: str) -> str:
         """A checkpoint key under the model's module names (the shipped layout renamed, else as it is)."""
@@ -82,6 +100,10 @@ class MoEArch:
     def text_config(self, config):
         """The settings the MoE blocks and routing read: the VLM's text_config, or the config itself."""
         return getattr(config, self.text_config_attr) if self.text_config_attr else config
+
+    def hybrid(self, config) -> bool:
+        """Whether some layers keep a recurrent state (the engine then saves copies of it to resume prompts)."""
+        return "linear" in self.cache_kinds(self.text_config(config))
 
     def spec_sizes(self, config) -> tuple[int, int, int]:
         config = self.text_config(config)
@@ -263,10 +285,13 @@ _QWEN = dict(num_experts_attr="num_experts", top_k_attr="num_experts_per_tok",
 
 ARCHS: dict[str, MoEArch] = {
     "deepseek_v2": MoEArch("deepseek_v2", _deepseek_v2_route, check_config=_check_deepseek_v2,
-                           patch_model=_yarn_mscale_scaling, absorbed_mla=rope_freqs_cis, **_SHARED_MOE),
-    "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, absorbed_mla=rope_cos_sin, **_NOAUX_TC),
-    # DeepSeek-V3.2 (transformers 5 only): V3's MoE and routing; its attention's sparse indexer stays transformers'
-    "deepseek_v32": MoEArch("deepseek_v32", patch_model=_yarn_mscale_scaling, **_NOAUX_TC),
+                           patch_model=_yarn_mscale_scaling, cache_kinds=_latent_cache,
+                           owned_layers=(("self_attn", absorbed(rope_freqs_cis)),), **_SHARED_MOE),
+    "deepseek_v3": MoEArch("deepseek_v3", patch_model=_yarn_mscale_scaling, cache_kinds=_latent_cache,
+                           owned_layers=(("self_attn", absorbed(rope_cos_sin)),), **_NOAUX_TC),
+    # DeepSeek-V3.2 (transformers 5 only): V3's MoE and routing; its attention (latents decompressed each step, the
+    # sparse indexer's own keys) stays transformers'
+    "deepseek_v32": MoEArch("deepseek_v32", patch_model=_yarn_mscale_scaling, cache_kinds=_latent_cache, **_NOAUX_TC),
     "glm4_moe": MoEArch("glm4_moe", **_NOAUX_TC),
     "qwen2_moe": MoEArch("qwen2_moe", shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
                          **_QWEN),
@@ -276,7 +301,8 @@ ARCHS: dict[str, MoEArch] = {
     "qwen3_5_moe_text": MoEArch("qwen3_5_moe_text", _softmax_topk(None), num_experts_attr="num_experts",
                                 top_k_attr="num_experts_per_tok", moe_intermediate_attr="moe_intermediate_size",
                                 shared_experts_attr="shared_expert", shared_gate_attr="shared_expert_gate",
-                                skip_tensor=_mtp_module),
+                                skip_tensor=_mtp_module, cache_kinds=_hybrid_cache,
+                                owned_layers=(("linear_attn", slotted),)),
     "mixtral": MoEArch("mixtral", _softmax_topk(None), num_experts_attr="num_local_experts",
                        top_k_attr="num_experts_per_tok", moe_intermediate_attr="intermediate_size",
                        moe_attr="block_sparse_moe", moe_attr_aliases=("mlp",), tuple_output_v4=True,

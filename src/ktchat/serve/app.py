@@ -1,7 +1,7 @@
-"""`ktchat api`'s HTTP side: /v1/models, /v1/chat/completions and /health over one generate.engine.Engine.
+"""`ktchat api`'s HTTP side: /v1/models, /v1/chat/completions and /health over one generate.service.Service.
 
 A thin layer: requests are validated into plain values by serve.protocol, generation and scheduling live in the
-Engine, and this file speaks HTTP/SSE with Starlette + uvicorn (imported inside, so `ktchat --help` stays instant).
+Service, and this file speaks HTTP/SSE with Starlette + uvicorn (imported inside, so `ktchat --help` stays instant).
 A watcher per request reads the ASGI receive channel: a client that goes away, streaming or not, queued or
 running, cancels its job at once, which frees the one worker for the next request.
 """
@@ -24,10 +24,10 @@ GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "do_sample", "seed", 
 
 
 class Server:
-    """The routes over one Engine; every error leaves as OpenAI-style JSON."""
+    """The routes over one Service; every error leaves as OpenAI-style JSON."""
 
-    def __init__(self, engine, model_name: str, api_key: str | None = None):
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+    def __init__(self, service, model_name: str, api_key: str | None = None):
+        self.service, self.model_name, self.api_key = service, model_name, api_key
         self.created = int(time.time())
         self._watchers: set[asyncio.Task] = set()
 
@@ -45,7 +45,7 @@ class Server:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         yield
-        self.engine.close()  # cancel what runs or waits, end the worker
+        self.service.close()  # cancel what runs or waits, end the worker
 
     # --- errors ---
     @staticmethod
@@ -77,7 +77,7 @@ class Server:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.stats(),
+        return JSONResponse({"status": "ok", "model": self.model_name, **self.service.stats(),
                              "threads": threading.active_count(), "watchers": len(self._watchers)})
 
     async def models(self, request):
@@ -108,7 +108,7 @@ class Server:
         try:
             result = await self._result(events)
         finally:
-            self.engine.cancel(job)  # no-op once done; stops the job if this handler is cancelled (shutdown)
+            self.service.cancel(job)  # no-op once done; stops the job if this handler is cancelled (shutdown)
         message = {"role": "assistant", "content": result.text}
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
@@ -119,7 +119,7 @@ class Server:
     # --- plumbing ---
     def _submit(self, req: dict):
         """Encode, size and queue the request; returns (job, asyncio queue of its events, prompt length)."""
-        from ..generate.engine import BadRequest, QueueFull
+        from ..generate.service import BadRequest, QueueFull
 
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -127,8 +127,8 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         try:
-            job = self.engine.prepare(req["messages"], on_event, **{k: req[k] for k in GENERATION_FIELDS})
-            self.engine.submit(job)
+            job = self.service.prepare(req["messages"], on_event, **{k: req[k] for k in GENERATION_FIELDS})
+            self.service.submit(job)
         except BadRequest as exc:
             raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
         except QueueFull as exc:
@@ -141,7 +141,7 @@ class Server:
         async def watch():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            self.engine.cancel(job)
+            self.service.cancel(job)
 
         task = asyncio.get_running_loop().create_task(watch())
         self._watchers.add(task)
@@ -189,18 +189,18 @@ class Server:
                 break
             yield sse("[DONE]")
         finally:
-            self.engine.cancel(job)
+            self.service.cancel(job)
 
 
-def run_uvicorn(app, engine, host: str, port: int, sock=None) -> None:
-    """uvicorn, with the engine closed as soon as shutdown starts: open requests then end at once (503, or an
+def run_uvicorn(app, service, host: str, port: int, sock=None) -> None:
+    """uvicorn, with the service closed as soon as shutdown starts: open requests then end at once (503, or an
     error event when streaming) instead of generating on through the graceful-shutdown wait. `sock`: a listening
     socket to serve on (`ktchat api` binds it before the load), else uvicorn binds host:port itself."""
     import uvicorn
 
     class _Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
-            engine.close(timeout=0)
+            service.close(timeout=0)
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)

@@ -1,11 +1,12 @@
-"""One generation at a time on the shared CPU experts: a bounded FIFO of jobs and the one worker thread that runs them.
+"""One generation at a time on the shared CPU experts: a bounded FIFO of jobs and the one worker thread that runs them
+on the model's engine.
 
-Why one worker: every request would run its routed experts on the same CPU cores, so two generations at once only
-slow each other down, and batching would pad prompts, which changes the numerics: greedy replies would no
-longer match `ktchat chat` token for token. Requests wait in a FIFO (fair: first come, first served); a full queue refuses at once (the
-server answers 503) instead of letting latency grow without bound. Each job has a stop event that ends its
-`generate` within one token (client gone, stop string seen, shutdown), so the worker is free as soon as nobody
-waits for the rest. One long-lived thread, no per-request threads: nothing to leak under sustained use.
+Why one worker: every request runs its routed experts on the same CPU cores, so two generations at once only slow
+each other down until the engine batches them. Requests wait in a FIFO (fair: first come, first served); a full queue
+refuses at once (the server answers 503) instead of letting latency grow without bound. Each job has a stop event
+that ends its generation within one token (client gone, stop string seen, shutdown), so the worker is free as soon as
+nobody waits for the rest. One long-lived thread, no per-request threads: nothing to leak under sustained use. The
+engine keeps the last conversations' caches (`kept_caches`): a request continuing one computes only its new tokens.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from typing import Any, Callable, Optional
 
 from ..config import GenerationArgs
 from ..errors import KTChatError
-from ..model.decode import static_decode_of
-from .prefix import PrefixPool
 from .prompts import Prompts
-from .session import cancel_criterion
+from .text import ReplyText
 
 logger = logging.getLogger(__name__)
 
@@ -65,80 +64,7 @@ class Job:
             logger.debug("dropped %s event of a finished request", kind, exc_info=True)
 
 
-def _bias_processor(bias: dict[int, float]):
-    """A LogitsProcessor adding each bias to its token's logit, before the greedy or sampled choice."""
-    import torch
-    from transformers import LogitsProcessor
-
-    ids, values = torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()))
-
-    class _Bias(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, ids.to(scores.device)] += values.to(scores.device, scores.dtype)
-            return scores
-
-    return _Bias()
-
-
-class _ReplyStreamer:
-    """A transformers streamer: decodes the generated ids as they come, applies stop strings, emits new text.
-
-    The whole reply is decoded at every token (as TextStreamer does), so the streamed pieces add up to exactly
-    `tokenizer.decode(generated, skip_special_tokens=True)`. Text that could still turn into a stop string, or
-    that ends in an incomplete UTF-8 character, is held back until it cannot.
-    """
-
-    def __init__(self, engine: "Engine", job: Job):
-        self.engine, self.job = engine, job
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.prompt_seen = False
-        self.stopped = False
-        self.hold = max((len(s) for s in job.stop), default=1) - 1
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate first hands over the prompt
-            self.prompt_seen = True
-            return
-        if self.stopped:
-            return
-        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
-        self.text = self.engine.decode(self.ids)
-        cut = self._stop_index()
-        if cut is not None:
-            self.text, self.stopped = self.text[:cut], True
-            self.job.cancel.set()  # ends generate after this token
-            self._flush(len(self.text))
-        elif not self.text.endswith("\ufffd"):
-            self._flush(len(self.text) - self.hold)
-
-    def end(self) -> None:
-        pass
-
-    def _stop_index(self) -> Optional[int]:
-        start = max(0, self.sent - self.hold)
-        hits = [i for i in (self.text.find(s, start) for s in self.job.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _flush(self, upto: int) -> None:
-        if upto > self.sent:
-            self.job.emit("text", self.text[self.sent:upto])
-            self.sent = upto
-
-    def result(self) -> Result:
-        self._flush(len(self.text))
-        ended_by_eos = bool(self.ids) and self.ids[-1] in self.engine.eos_ids
-        if self.stopped or ended_by_eos:
-            reason = "stop"
-        elif self.job.cancel.is_set():
-            reason = "cancelled"
-        else:
-            reason = "length"
-        return Result(self.text, len(self.ids), reason)
-
-
-class Engine:
+class Service:
     """Owns the model, the tokenizer and the worker; the HTTP layer only prepares, submits and cancels jobs.
     Model, tokenizer and prompts are the ones `ktchat chat` uses (generate.open_session), so replies match it."""
 
@@ -148,17 +74,13 @@ class Engine:
             raise KTChatError(f"queue size must be an integer >= 1 (got {queue_size!r})")
         if kept_caches < 0 or kept_cache_bytes < 0:
             raise KTChatError(f"kept caches and their bytes must be >= 0 (got {kept_caches!r}, {kept_cache_bytes!r})")
-        # the last conversations' KV caches (used by the worker thread only): a request that continues one
-        # prefills only its new tokens
-        keep = kept_caches > 0 and kept_cache_bytes > 0
-        self.kept = PrefixPool(model, kept_caches, kept_cache_bytes) if keep else None
-        static = static_decode_of(model)
-        if static is not None and not keep:  # no kept caches: the static cache does not keep the last one either
-            static.keep_conversation = False
-        self.last_reused = 0  # prompt tokens the last generation did not prefill again
+        from ..model import engine_of
+
+        self.engine = engine_of(model)
+        self.engine.keep(kept_caches if kept_cache_bytes > 0 else 0, kept_cache_bytes)
+        self.last_reused = 0  # prompt tokens the last generation did not compute again
         self.model, self.tokenizer, self.defaults, self.queue_size = model, tokenizer, generation, queue_size
         self.prompts = prompts
-        self.eos_ids = set(prompts.stop_ids)
         config = getattr(model, "config", None)
         self.vocab_size = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -233,7 +155,7 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"waiting": len(self._waiting), "busy": self._running is not None, "served": self.served,
-                    "queue_size": self.queue_size, "kept_caches": len(self.kept) if self.kept is not None else 0,
+                    "queue_size": self.queue_size, "kept_caches": self.engine.kept(),
                     "last_reused_tokens": self.last_reused}
 
     def close(self, timeout: float = 10.0) -> None:
@@ -276,27 +198,26 @@ class Engine:
             job.emit("error", exc)
 
     def _generate(self, job: Job) -> Result:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        extra = {"logit_bias": tuple(job.logit_bias.items())}
+        if not job.generation.greedy and job.seed is not None:
+            extra["seed"] = job.seed
+        params = self.prompts.sampling(job.generation, **extra)
+        reply = ReplyText(self.decode, job.stop)
 
-        kwargs = self.prompts.generate_kwargs(job.generation)
-        if kwargs["do_sample"] and job.seed is not None:
-            torch.manual_seed(job.seed)
-        elif kwargs["do_sample"]:
-            torch.seed()  # an earlier request's seed must not make this one repeat it
-        input_ids = torch.tensor([job.input_ids], dtype=torch.long, device=self.model.device)
-        if job.logit_bias:
-            kwargs["logits_processor"] = LogitsProcessorList([_bias_processor(job.logit_bias)])
-        streamer = _ReplyStreamer(self, job)
-        entry = self.kept.take(job.input_ids) if self.kept is not None else None
-        if entry is not None:
-            kwargs.update(entry.for_prompt(job.input_ids))
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-                                      streamer=streamer,
-                                      stopping_criteria=StoppingCriteriaList([cancel_criterion(job.cancel)]))
-        if entry is not None:  # a failed generate never gets here: its cache is dropped
-            entry.after(out[0].tolist())
-            self.kept.give_back(entry)
-        self.last_reused = entry.reused if entry is not None else 0
-        return streamer.result()
+        def on_token(token: int) -> None:
+            piece = reply.push(token)
+            if piece:
+                job.emit("text", piece)
+            if reply.stopped:
+                job.cancel.set()  # ends the generation after this token
+
+        out = self.engine.generate(job.input_ids, params, on_token=on_token, stop=lambda *_: job.cancel.is_set())
+        self.last_reused = out.reused
+        tail = reply.finish()
+        if tail:
+            job.emit("text", tail)
+        if reply.stopped or out.finish_reason == "eos":
+            reason = "stop"
+        else:
+            reason = "cancelled" if out.finish_reason == "stopped" else "length"
+        return Result(reply.text, len(reply.tokens), reason)
