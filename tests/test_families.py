@@ -26,8 +26,8 @@ from ktchat.model.moe import OffloadedMoE
 from ktchat.model.registry import arch_for
 from ktchat.tinymodels import TRAINED_QA
 
-from reference import (DEVICE, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, model_class, read_checkpoint,
-                       rel_err)
+from reference import (DEVICE, GREEDY_TOKENS, chat_prompt_ids, greedy, load_reference, logits, merge_by_hand, model_class,
+                       read_checkpoint, rel_err)
 from tolerances import FP32_BOUND, KT_BF16_BOUND
 
 FAMILIES = ("deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_5_moe_text", "qwen3_5_moe",
@@ -116,6 +116,28 @@ def test_engine_decodes_every_family_as_the_reference(fam):
     decoded(torch.cat([fam.prompts[0], torch.tensor([first]), fam.prompts[1]], dim=1))  # the conversation goes on
     held = fam.prompts[0].shape[1] + len(first) - 1
     assert engine.last_reused == held  # everything the slot held: the last prompt and its reply but its end
+
+
+def test_kt_experts_inside_the_decode_step_of_every_family(fam):
+    """kt experts bound to the step's fixed buffers, every family: on a GPU each decoded token is one replayed CUDA
+    graph with them inside, and the tokens are those transformers' own generate picks on the same model."""
+    pytest.importorskip("kt_kernel")
+    from transformers import GenerationMixin
+
+    from ktchat.experts.kt_backend import unavailable_reason
+    from ktchat.model import engine_of
+
+    moe_lora = "exact" if unavailable_reason("exact", "bf16") is None else "merged"
+    model, _ = load_model(fam.paths.model, fam.paths.adapter, experts_backend="kt", dtype="float32", device=DEVICE,
+                          moe_lora=moe_lora)
+    engine = engine_of(model)
+    for ids in fam.prompts[:2]:
+        ids = ids.to(model.device)
+        want = GenerationMixin.generate(model.get_base_model(), ids, max_new_tokens=GREEDY_TOKENS, do_sample=False)
+        assert greedy(model, ids) == want[0, ids.shape[1]:].tolist()
+    assert all(block.experts._bound is not None for block in offloaded_blocks(model).values())
+    if DEVICE == "cuda":
+        assert engine.runner._captured and engine.runner.eager_reason is None, engine.runner.eager_reason
 
 
 def test_dropping_expert_lora_breaks_the_match(fam):
