@@ -80,7 +80,7 @@ class Engine:
             self._forget()
 
     # --- generation ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the cache and what the caller gets back stay ordinary tensors
     def generate(self, prompt: list[int], params: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                  stop: StopCheck | None = None, save_at=(), keep_scores: bool = False,
                  keep_logits: bool = False) -> Generation:
