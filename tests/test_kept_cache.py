@@ -142,3 +142,17 @@ def test_clear_and_a_failed_turn_drop_the_cache(tiny, monkeypatch):
         kept.reply(TURNS[1])
     assert kept.engine.kept() == 0
     assert torch.is_tensor(kept.engine.cache.rows)  # the cache itself stays for the next turn
+
+
+def test_saved_states_count_in_the_memory_budget(tiny_family):
+    """A hybrid model's saved states live within the kept-cache budget: with room for one copy beside the slot, the
+    oldest copies go (the conversation itself is kept and continued from its live state)."""
+    kept, _ = sessions(tiny_family("qwen3_5_moe_text"))
+    kept.reply(TURNS[0])
+    cache = kept.engine.cache
+    kept.engine.keep(1, max_bytes=cache.slot_bytes() + cache.linear_bytes())
+    for text in TURNS[1:4]:
+        held = len(kept.engine.table.held[0].ids)
+        kept.reply(text)
+        assert len(kept.engine._saved) == len(kept.engine.table.held[0].saved) == 1
+    assert kept.engine.last_reused == held > 0
