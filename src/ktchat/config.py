@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from . import formats
 from .checkpoint import COMPUTE_DTYPES
 from .errors import KTChatError
 
@@ -28,10 +29,9 @@ INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
 KT_SERVED_BACKENDS = ("huggingface", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
 INFER_DTYPES = ("auto", *COMPUTE_DTYPES)
-MOE_LORA_MODES = ("exact", "merged")
-# kt experts' weight formats: ktchat.experts.kt_backend.METHODS (tests/test_kt_formats.py keeps them equal; this
-# module stays free of torch). int4 is kt's own online INT4; rawint4 Kimi-K2's group-32 INT4 checkpoint.
-KT_METHODS = ("bf16", "int8", "int4", "fp8", "rawint4")
+MOE_LORA_MODES = formats.MOE_LORA_MODES
+# kt experts' weight formats: int4 is kt's own online INT4; rawint4 Kimi-K2's group-32 INT4 checkpoint
+KT_METHODS = tuple(formats.KT_METHODS)
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # load_model checks at load time that the GPU exists
 

@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import KTChatError
-
-PROJS = ("gate", "up", "down")
+from ..formats import PROJS  # noqa: F401 - the projections, re-exported beside StackedLoRA
 PEFT_CHANNEL, KT_CHANNEL = "PEFT (GPU)", "KT (CPU)"
 
 
