@@ -60,6 +60,15 @@ class StackedLoRA:
     scale: float
 
 
+def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + scale * B @ A, accumulated in fp32 and rounded once to `dtype` (default: W's): one weight [out, in] with
+    A [r, in] and B [out, r], or a stack of experts [E, out, in] with A [E, r, in] and B [E, out, r]. Every merge
+    of ktchat goes through here: the CPU experts, GPU prefill and export."""
+    mm = torch.baddbmm if w.dim() == 3 else torch.addmm
+    return mm(w.float(), b.float(), a.float(), alpha=scale).to(dtype or w.dtype)
+
+
 @dataclass(frozen=True)
 class ExpertLoRA:
     """All routed experts' LoRA for one projection of one MoE layer: what a CPU experts backend takes at once.

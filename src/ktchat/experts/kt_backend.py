@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from ..adapter import StackedLoRA
+from ..adapter import StackedLoRA, merge_lora
 from ..errors import KTChatError
 from ..formats import KT_METHODS, MOE_LORA_MODES, PROJS, TRAINED_METHOD  # noqa: F401 - TRAINED_METHOD re-exported
 from .base import BoundExperts, ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
@@ -467,7 +467,7 @@ def _check_sizes(spec: ExpertsSpec, method: str) -> None:
 
 
 def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[str, torch.Tensor]:
-    """W + scale * B @ A per expert, accumulated in fp32 and rounded once to bf16 (one expert at a time: low peak)."""
+    """merge_lora per expert, rounded once to bf16 (one expert at a time: a low fp32 peak)."""
     merged = {}
     for proj, w in base.items():
         if proj not in lora:
@@ -476,8 +476,7 @@ def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[
         s = lora[proj]
         out = torch.empty_like(w)
         for e in range(w.shape[0]):
-            delta = s.b[e].float() @ s.a[e].float()
-            out[e] = torch.add(w[e].float(), delta, alpha=s.scale)
+            out[e] = merge_lora(w[e], s.a[e], s.b[e], s.scale)
         merged[proj] = out
     return merged
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..adapter import StackedLoRA
+from ..adapter import StackedLoRA, merge_lora
 from ..errors import KTChatError
 from ..formats import MOE_LORA_MODES, PROJS
 from .base import ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
@@ -63,7 +63,7 @@ class TorchExperts(ExpertsBackend):
         for proj, (a, b, scale) in self._lora.items():
             w = self.weights[proj]
             for e in range(w.shape[0]):
-                w[e] = torch.addmm(w[e].float(), b[e].float(), a[e].float(), alpha=scale).to(w.dtype)
+                w[e] = merge_lora(w[e], a[e], b[e], scale)
         self._lora = {}
 
     def host_experts(self) -> HostExperts:
