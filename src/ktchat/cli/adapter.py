@@ -58,10 +58,10 @@ def cmd_inspect(args) -> int:
 
     experts, base = GENERIC_EXPERTS, None
     if args.model:
-        from ..model.export import CheckpointShapes, base_naming
+        from ..model.export import CheckpointShapes, read_base_config
 
-        naming = base_naming(Path(args.model))
-        experts, base = naming.experts, CheckpointShapes(Path(args.model), naming)
+        arch, quantization_config = read_base_config(Path(args.model))
+        experts, base = arch.expert_path, CheckpointShapes(Path(args.model), arch, quantization_config)
     report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand,
                              model_dir=Path(args.model) if args.model else None)
     print(_report_json(report) if args.json else format_report(report))
