@@ -204,18 +204,23 @@ class ModelArgs:
         return self.experts_backend if self.use_kt else "torch"
 
     def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike)."""
-        return dict(experts_backend=self.resolved_experts_backend, device=self.device, dtype=self.dtype,
-                    trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
-                    kt_weight_path=self.kt_weight_path,
-                    num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora,
-                    cuda_graphs=self.cuda_graphs, gpu_prefill_tokens=self.gpu_prefill_tokens,
-                    gpu_prefill_gib=self.gpu_prefill_gib)
+        """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike),
+        derived from the fields: load_model's names where the YAML keeps LLaMA-Factory's (LOAD_NAMES), use_kt
+        deciding experts_backend, infer_dtype's "auto" as None. `load_model(model_args)` takes them as they are."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_LOAD_KWARGS}
+        values.update(experts_backend=self.resolved_experts_backend, infer_dtype=self.dtype)
+        return {LOAD_NAMES.get(key, key): value for key, value in values.items()}
 
     @property
     def dtype(self) -> Optional[str]:
         """The dtype name load_model takes; None keeps the checkpoint's own dtype."""
         return None if self.infer_dtype == "auto" else self.infer_dtype
+
+
+# ModelArgs fields load_model takes under another name, and those it takes positionally or not at all (template
+# is the prompts'; use_kt and infer_backend decide experts_backend): tests/unit/test_lists.py keeps them whole
+LOAD_NAMES = {"kt_num_threads": "num_threads", "infer_dtype": "dtype"}
+NOT_LOAD_KWARGS = ("model_name_or_path", "adapter_name_or_path", "template", "infer_backend", "use_kt")
 
 
 @dataclass(frozen=True)

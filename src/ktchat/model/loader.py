@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, QuantLayout, open_checkpoint, quant_layout, st_name
+from ..checkpoint import Header, QuantLayout, open_checkpoint, quant_layout, st_name
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from ..formats import PROJS
@@ -27,22 +27,6 @@ from .registry import FUSED_PROJS, MoEArch, decoder_layer
 from .routes import EXPERT, FUSED, PARAM, SKIPPED, ModelNames, Route, route_checkpoint
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {name: BY_TORCH_NAME[name].torch for name in COMPUTE_DTYPES}
-
-
-def resolve_dtype(dtype, config) -> torch.dtype:
-    """None/"auto" -> the checkpoint's dtype (float32 if it names none)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise KTChatError(f"dtype must be one of {', '.join(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[name]
 
 @dataclass(frozen=True)
 class Skeleton:
