@@ -122,6 +122,13 @@ def _check_str(key: str, value: Any, optional: bool = True) -> None:
     _fail(key, value, "a non-empty string")
 
 
+# ModelArgs fields load_model takes under another name, and those it takes by position or not at all (template is
+# for the prompts, infer_backend only checked, use_kt folded into experts_backend); tests/unit/test_lists.py fails
+# when a field fits neither load_model nor these
+LOAD_NAMES = {"kt_num_threads": "num_threads", "infer_dtype": "dtype"}
+NOT_LOAD_KWARGS = ("model_name_or_path", "adapter_name_or_path", "template", "infer_backend", "use_kt")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Which model and adapter to load and where the routed experts run."""
@@ -215,12 +222,6 @@ class ModelArgs:
     def dtype(self) -> Optional[str]:
         """The dtype name load_model takes; None keeps the checkpoint's own dtype."""
         return None if self.infer_dtype == "auto" else self.infer_dtype
-
-
-# ModelArgs fields load_model takes under another name, and those it takes positionally or not at all (template
-# is the prompts'; use_kt and infer_backend decide experts_backend): tests/unit/test_lists.py keeps them whole
-LOAD_NAMES = {"kt_num_threads": "num_threads", "infer_dtype": "dtype"}
-NOT_LOAD_KWARGS = ("model_name_or_path", "adapter_name_or_path", "template", "infer_backend", "use_kt")
 
 
 @dataclass(frozen=True)

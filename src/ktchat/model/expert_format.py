@@ -23,7 +23,7 @@ from ..quant import quantization_config, scheme_of
 logger = logging.getLogger(__name__)
 
 
-def training_format(adapter, model_dir: Path, kt_method: str | None) -> str | None:
+def method_for(adapter, model_dir: Path, kt_method: str | None) -> str | None:
     """The weight format the experts run in: `kt_method`, else the one the adapter was trained on (checking the base
     and the non-expert cache its manifest records), else None (bf16)."""
     manifest, prov = _provenance(adapter)

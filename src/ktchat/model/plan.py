@@ -98,7 +98,7 @@ def resolve(settings: LoadSettings | ModelArgs) -> LoadPlan:
     if s.trust_remote_code and getattr(config, "auto_map", None):
         logger.info("trust_remote_code: the model runs on transformers' native %s (remote code is used for the "
                     "tokenizer only)", config.model_type)
-    method = expert_format.training_format(adapter, model_dir, s.kt_method)
+    method = expert_format.method_for(adapter, model_dir, s.kt_method)
     expert_format.check_scheme(method, config, model_dir)
     experts = choose_experts(s.experts_backend, moe_lora=s.moe_lora, kt_method=method, num_threads=s.num_threads,
                              keep_host_weights=gpu_prefill[0] not in (None, "off"),
