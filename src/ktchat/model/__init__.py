@@ -74,17 +74,15 @@ def _assemble(plan: LoadPlan, phases: _Phases):
     """The model built on `meta`, its checkpoint and both adapter channels loaded: (model, MoE blocks, placement).
     Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
     included) once the experts are read, and the PEFT channel goes in meanwhile."""
-    from . import expert_format
     from .loader import build_skeleton, load_checkpoint  # looked up now: tests spy on load_checkpoint
 
     skeleton = build_skeleton(plan.config, plan.arch, plan.experts.factory(), plan.dtype)
-    int8_experts = expert_format.open_int8(plan.int8_root, skeleton)  # checked before any weight is read
     placement = plan_placement(skeleton.model, plan.devices, plan.dtype)
     peft_modules, routed = plan_adapter(plan.adapter, skeleton.model, plan.arch) if plan.adapter else ({}, {})
     phases.done("setup")
     with ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else contextlib.nullcontext() as lora:
         experts = load_checkpoint(skeleton, plan.model_dir, placement, plan.dtype, before_prepare=lora and lora.wait,
-                                  routed_int8=int8_experts)
+                                  routed_int8=plan.int8_root)
         with experts.cancel_on_error():
             dispatch(skeleton.model, placement)
             phases.done("checkpoint but the experts")

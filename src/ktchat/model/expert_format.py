@@ -81,14 +81,3 @@ def _provenance(adapter):
     """(kt_adapter_manifest, its provenance), either None where the adapter has none."""
     manifest = adapter.manifest if adapter is not None else None
     return manifest, (manifest.provenance if manifest is not None else None)
-
-
-def open_int8(root: Path | None, skeleton):
-    """The checked INT8 tree for this model's MoE layers (or None)."""
-    if root is None:
-        return None
-    from ..kt_weights import open_int8_experts
-
-    spec = next(iter(skeleton.moe_blocks.values())).cpu_experts.backend.spec
-    return open_int8_experts(root, num_experts=spec.num_experts, hidden_size=spec.hidden_size,
-                             intermediate_size=spec.intermediate_size, layers=sorted(skeleton.moe_blocks))

@@ -122,7 +122,7 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     place, with the experts still loading: the caller can do other work, then must call `.wait()`. `placement` is
     a device, or {module name: device} (a device map; "" is the whole model). `before_prepare(layer)` runs (on a
     loading thread) before a layer is prepared: it waits for what else the layer's kernel needs (its LoRA).
-    `routed_int8`: KT's pre-converted INT8 experts (kt_weights.KTInt8Experts), read instead of the checkpoint's.
+    `routed_int8`: the folder of KT's pre-converted INT8 experts, read instead of the checkpoint's.
     """
     from tqdm.auto import tqdm
 
@@ -131,12 +131,13 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     layout = quant_layout(checkpoint, quantization_config(model.config), str(model_dir / "config.json"))
     routes = route_checkpoint(arch, checkpoint, layout, ModelNames.of(model, skeleton.moe_blocks),
                               arch.text_config(model.config))
+    int8 = _open_int8(routed_int8, skeleton.moe_blocks)  # checked before any weight is read too
     bar = tqdm(total=len(routes), desc="Loading weights", unit="tensor", disable=None)
     experts = ExpertLoading(skeleton.moe_blocks, bar, before_prepare)
     with experts.cancel_on_error():
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
-        taken = _queue_expert_reads(experts, checkpoint, layout, routes, routed_int8)
+        taken = _queue_expert_reads(experts, checkpoint, layout, routes, int8)
         experts.pack_after_reads()
         destinations = _Destinations(skeleton, placement, dtype, layout, experts, bar)
         loaded = _consume(checkpoint, routes, taken, destinations)
@@ -144,14 +145,25 @@ def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch
     return experts
 
 
+def _open_int8(root: Path | None, blocks: dict[int, OffloadedMoE]):
+    """KT's INT8 set (kt_weights.KTInt8Experts) checked against these MoE layers' sizes, or None."""
+    if root is None:
+        return None
+    from ..kt_weights import open_int8_experts
+
+    spec = next(iter(blocks.values())).cpu_experts.backend.spec
+    return open_int8_experts(root, num_experts=spec.num_experts, hidden_size=spec.hidden_size,
+                             intermediate_size=spec.intermediate_size, layers=sorted(blocks))
+
+
 def _queue_expert_reads(experts: ExpertLoading, checkpoint, layout: QuantLayout, routes: dict[str, Route],
-                        routed_int8) -> set[str]:
+                        int8) -> set[str]:
     """Queues the loading threads' reads and returns the on-disk names they take. With KT's INT8, every routed-expert
     tensor of the checkpoint is left unread. Else each plain expert tensor whose slot takes its bytes as they are,
     and each quantized expert projection (its weight and scales, one task, handed to backend.load_quantized)."""
-    if routed_int8 is not None:
+    if int8 is not None:
         taken = {name for name, route in routes.items() if route.kind in (EXPERT, FUSED)}
-        experts.replace_with_kt_int8(routed_int8, unread=len(taken))
+        experts.replace_with_kt_int8(int8, unread=len(taken))
         return taken
     taken = set()
     for name in sorted((n for n, r in routes.items() if r.kind == EXPERT), key=lambda n: routes[n].order):
