@@ -60,8 +60,8 @@ def cmd_inspect(args) -> int:
     if args.model:
         from ..model.export import CheckpointShapes, read_base_config
 
-        arch, quantization_config = read_base_config(Path(args.model))
-        experts, base = arch.expert_path, CheckpointShapes(Path(args.model), arch, quantization_config)
+        arch, qc = read_base_config(Path(args.model))
+        experts, base = arch.expert_path, CheckpointShapes(Path(args.model), arch, qc)
     report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand,
                              model_dir=Path(args.model) if args.model else None)
     print(_report_json(report) if args.json else format_report(report))

@@ -62,11 +62,12 @@ class CheckpointShapes:
     """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`; a quantized
     module's `<module>.weight` has its logical shape (compressed-tensors' from its small weight_shape tensor)."""
 
-    def __init__(self, model_dir: Path, arch: MoEArch, quantization_config):
+    def __init__(self, model_dir: Path, arch: MoEArch, qc: dict | None):
+        """`qc`: config.json's quantization_config (read_base_config)."""
         checkpoint = open_checkpoint(model_dir)
         self.headers: dict[Path, Header] = checkpoint.headers
         self.files = checkpoint.files
-        self.layout: QuantLayout = quant_layout(checkpoint, quantization_config, str(model_dir / "config.json"))
+        self.layout: QuantLayout = quant_layout(checkpoint, qc, str(model_dir / "config.json"))
         self.shapes = {arch.module_name(k): list(shape) for k, shape in checkpoint.shapes().items()}
         self.quantized_shapes: dict[str, tuple[int, int]] = {}  # on-disk module -> logical [out, in]
         with _Reader() as read:
@@ -114,10 +115,10 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
     if format not in FORMATS:
         raise KTChatError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     with staged_output(out, overwrite) as tmp:
-        arch, quantization_config = read_base_config(model_dir)
+        arch, qc = read_base_config(model_dir)
         adapter = read_adapter(adapter_dir)
         channels = split_channels(adapter, arch.expert_path)
-        base = CheckpointShapes(model_dir, arch, quantization_config)
+        base = CheckpointShapes(model_dir, arch, qc)
         check_channels(adapter, channels, base)
         merge = Merger(adapter, channels, arch)
         _check_merge_dtypes(base, merge)
