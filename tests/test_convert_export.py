@@ -186,6 +186,22 @@ def test_export_refuses_an_adapter_for_another_model(tiny, tmp_path):
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model_type, message", [
+    ("llama", "model_type 'llama' is not a supported MoE family"),
+    ("deepseek_v4", "model_type 'deepseek_v4' is not supported: DeepSeek-V4 routes"),
+])
+def test_export_refuses_a_family_ktchat_does_not_load(tiny, tmp_path, model_type, message):
+    """export names experts with the registry entry load_model uses: a family without one is refused as load_model
+    refuses it, before anything is written (it used to fall back to generic expert names)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    config = json.loads((tiny.model / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    with pytest.raises(KTChatError, match=f"config.json: {message}"):
+        export_merged(base, tiny.adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _fp8_blocks(key: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """DeepSeek-V3's FP8 format: an F8_E4M3 weight and its F32 weight_scale_inv, one per 128 x 128 block."""
     (rows, cols), b = w.shape, 128

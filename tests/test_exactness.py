@@ -37,6 +37,23 @@ def test_kt_mode_greedy_equals_reference_and_gives_trained_answers(tiny, kt_fp32
         assert answer in tok.decode(got, skip_special_tokens=True)
 
 
+def test_the_yaml_settings_and_their_plan_load_the_same_model(tiny, kt_fp32, prompts):
+    """load_model takes ModelArgs (as `ktchat chat` reads them) or the LoadPlan resolved from them: every decision
+    is in the plan before a weight is read, and the model is the one the keyword arguments load."""
+    from ktchat.config import ModelArgs
+    from ktchat.model import resolve
+
+    args = ModelArgs(model_name_or_path=str(tiny.model), adapter_name_or_path=str(tiny.adapter), use_kt=True,
+                     experts_backend="torch", infer_dtype="float32", device=DEVICE)
+    plan = resolve(args)
+    assert (plan.experts.backend, plan.experts.moe_lora, plan.dtype) == ("torch", "exact", torch.float32)
+    model, _ = load_model(plan)
+    for ids in prompts:
+        assert torch.equal(logits(model, ids), logits(kt_fp32, ids))
+    with pytest.raises(TypeError, match="takes no other arguments"):
+        load_model(args, tiny.adapter)
+
+
 def test_dropping_expert_lora_breaks_the_match(tiny, reference, reference_without_expert_lora, prompts):
     """The MoE channel is live: without the expert LoRA, KT mode leaves the reference and meets the control."""
     model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device=DEVICE)

@@ -262,6 +262,8 @@ def gpus(monkeypatch):
     (2, dict(device="auto", cuda_graphs=True), "(device: auto spreads the layers over the 2 visible GPUs)"),
     (2, dict(device_map="auto", cuda_graphs=True), "(device_map='auto' spreads them over 2 GPUs)"),
     (2, dict(device_map={"a": 0, "b": "cpu"}, cuda_graphs=True), "(device_map puts them on cpu, cuda:0)"),
+    (1, dict(device_map="everywhere"), "device_map must be 'auto', 'balanced' or a dict of module -> device"),
+    (0, dict(device_map="auto"), "device_map='auto' spreads layers over GPUs, but no CUDA device is visible"),
 ])
 def test_check_devices_refuses(gpus, n, kwargs, message):
     from ktchat.model.placement import check_devices
@@ -283,6 +285,21 @@ def test_check_devices_accepts(gpus, n, kwargs):
 
     gpus(n)
     check_devices(kwargs.get("device"), kwargs.get("device_map"), kwargs.get("cuda_graphs"))
+
+
+@pytest.mark.parametrize("n, kwargs, devices", [
+    (2, dict(device="auto"), (None, "auto")), (1, dict(device="auto"), ("cuda", None)), (0, dict(), ("cpu", None)),
+    (2, dict(device_map={"model": 1}), (None, {"model": 1})), (2, dict(device_map="balanced"), (None, "balanced")),
+])
+def test_check_devices_resolves_what_placement_takes(gpus, n, kwargs, devices):
+    """(device, device_map), decided once: device "auto" spreads over two GPUs as device_map "auto" does."""
+    import torch
+
+    from ktchat.model.placement import check_devices
+
+    gpus(n)
+    device, device_map = check_devices(kwargs.get("device"), kwargs.get("device_map"))
+    assert (device, device_map) == (devices[0] and torch.device(devices[0]), devices[1])
 
 
 # --- model folder files ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from . import formats
 from .checkpoint import COMPUTE_DTYPES
 from .errors import KTChatError
 
@@ -28,10 +29,9 @@ INFER_BACKENDS = ("huggingface", "vllm", "sglang", "ktransformers")
 KT_SERVED_BACKENDS = ("huggingface", "ktransformers")
 EXPERTS_BACKENDS = ("auto", "torch", "kt")
 INFER_DTYPES = ("auto", *COMPUTE_DTYPES)
-MOE_LORA_MODES = ("exact", "merged")
-# kt experts' weight formats: ktchat.experts.kt_backend.METHODS (tests/test_kt_formats.py keeps them equal; this
-# module stays free of torch). int4 is kt's own online INT4; rawint4 Kimi-K2's group-32 INT4 checkpoint.
-KT_METHODS = ("bf16", "int8", "int4", "fp8", "rawint4")
+MOE_LORA_MODES = formats.MOE_LORA_MODES
+# kt experts' weight formats: int4 is kt's own online INT4; rawint4 Kimi-K2's group-32 INT4 checkpoint
+KT_METHODS = tuple(formats.KT_METHODS)
 ALIASES = {"cpu_infer": "kt_num_threads"}  # LLaMA-Factory's older name -> ours
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # load_model checks at load time that the GPU exists
 
@@ -122,6 +122,13 @@ def _check_str(key: str, value: Any, optional: bool = True) -> None:
     _fail(key, value, "a non-empty string")
 
 
+# ModelArgs fields load_model takes under another name, and those it takes by position or not at all (template is
+# for the prompts, infer_backend only checked, use_kt folded into experts_backend); tests/unit/test_lists.py fails
+# when a field fits neither load_model nor these
+LOAD_NAMES = {"kt_num_threads": "num_threads", "infer_dtype": "dtype"}
+NOT_LOAD_KWARGS = ("model_name_or_path", "adapter_name_or_path", "template", "infer_backend", "use_kt")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Which model and adapter to load and where the routed experts run."""
@@ -204,13 +211,12 @@ class ModelArgs:
         return self.experts_backend if self.use_kt else "torch"
 
     def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike)."""
-        return dict(experts_backend=self.resolved_experts_backend, device=self.device, dtype=self.dtype,
-                    trust_remote_code=self.trust_remote_code, moe_lora=self.moe_lora, kt_method=self.kt_method,
-                    kt_weight_path=self.kt_weight_path,
-                    num_threads=self.kt_num_threads, merge_peft_lora=self.merge_peft_lora,
-                    cuda_graphs=self.cuda_graphs, gpu_prefill_tokens=self.gpu_prefill_tokens,
-                    gpu_prefill_gib=self.gpu_prefill_gib)
+        """The keyword arguments of `ktchat.load_model` these settings stand for (chat, api and the hook alike),
+        derived from the fields: load_model's names where the YAML keeps LLaMA-Factory's (LOAD_NAMES), use_kt
+        deciding experts_backend, infer_dtype's "auto" as None. `load_model(model_args)` takes them as they are."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_LOAD_KWARGS}
+        values.update(experts_backend=self.resolved_experts_backend, infer_dtype=self.dtype)
+        return {LOAD_NAMES.get(key, key): value for key, value in values.items()}
 
     @property
     def dtype(self) -> Optional[str]:

@@ -31,14 +31,14 @@ import torch
 
 from .checkpoint import sha256_file
 from .errors import KTChatError
+from .formats import PROJS
 from .quant import QuantizedWeight, kt_int8
 
 MANIFEST_NAME = "kt-weight-manifest.json"
 LEGACY_MANIFEST_NAME = "kt-ephemeral-manifest.json"
 SCHEMA_VERSION = 2
 LAYOUT = "kt-int8-n32-k64-vnni-v1"
-PROJS = ("gate", "up", "down")
-_FILE = re.compile(r"^INT8_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
+_FILE = re.compile(rf"^INT8_({'|'.join(PROJS)})_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 TILE_ROWS, TILE_COLS = 32, 64
 GROUP_ROWS, K_BLOCK = 64, 3584  # kt_kernel's outer blocking of a weight (rows, inputs)

@@ -340,6 +340,19 @@ class QuantScheme:
         return FORMATS[self.format]
 
 
+def quantization_config(config):
+    """config.json's quantization_config, or its text_config's (a VLM's), or None: from a transformers config or
+    config.json as read. The one reader (loading, the experts' format, export)."""
+    def get(c, key):
+        return c.get(key) if isinstance(c, Mapping) else getattr(c, key, None)
+
+    for c in (config, get(config, "text_config")):
+        qc = get(c, "quantization_config") if c is not None else None
+        if qc is not None:
+            return qc.to_dict() if hasattr(qc, "to_dict") else qc
+    return None
+
+
 def scheme_of(qc, where: str) -> QuantScheme | None:
     """The scheme of a config's quantization_config (None where there is none); one error naming `where` and
     the key for anything ktchat cannot dequantize exactly."""

@@ -16,6 +16,7 @@ from .core import (
     LoraModule,
     Problems,
     StackedLoRA,
+    merge_lora,
 )
 from .plan import BaseShapes, check_channels, split_channels
 from .reader import Adapter, ParamLoRA, read_adapter
@@ -35,6 +36,7 @@ __all__ = [
     "Problems",
     "StackedLoRA",
     "check_channels",
+    "merge_lora",
     "read_adapter",
     "read_adapter_config",
     "split_channels",

@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import KTChatError
-
-PROJS = ("gate", "up", "down")
+from ..formats import PROJS  # noqa: F401 - the projections, re-exported beside StackedLoRA
 PEFT_CHANNEL, KT_CHANNEL = "PEFT (GPU)", "KT (CPU)"
 
 
@@ -59,6 +58,15 @@ class StackedLoRA:
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+
+
+def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + scale * B @ A, accumulated in fp32 and rounded once to `dtype` (default: W's): one weight [out, in] with
+    A [r, in] and B [out, r], or a stack of experts [E, out, in] with A [E, r, in] and B [E, out, r]. Every merge
+    of ktchat goes through here: the CPU experts, GPU prefill and export."""
+    mm = torch.baddbmm if w.dim() == 3 else torch.addmm
+    return mm(w.float(), b.float(), a.float(), alpha=scale).to(dtype or w.dtype)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint import staged_output
 from ..errors import KTChatError
+from ..formats import ADAPTER_LAYOUTS
 from .config import read_adapter_config
 from .core import GENERIC_EXPERTS, ExpertLoRA, ExpertPath, Problems
 from .keys import kt_fused_key, peft_key
@@ -26,7 +27,7 @@ from .reader import Adapter, read_adapter
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("peft", "kt", "sglang")
+FORMATS = ADAPTER_LAYOUTS
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
 

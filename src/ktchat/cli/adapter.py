@@ -10,6 +10,7 @@ import json
 import logging
 
 from ..checkpoint import COMPUTE_DTYPES
+from ..formats import ADAPTER_LAYOUTS, EXPORT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def add_command(subparsers) -> None:
                               "SGLang-KT's composite adapter, losslessly")
     p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (any layout)")
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent)")
-    p.add_argument("--to", required=True, choices=("peft", "kt", "sglang"), help="output layout")
+    p.add_argument("--to", required=True, choices=ADAPTER_LAYOUTS, help="output layout")
     p.add_argument("--expert-dtype", choices=COMPUTE_DTYPES, help="store the routed-expert LoRA in this dtype "
                    "(default: as stored; kt_kernel's trainer wants bfloat16 to resume training)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
@@ -41,7 +42,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter folder (any layout)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, help="store floating tensors in this dtype (default: the base's)")
-    p.add_argument("--format", choices=("bf16", "base"), default="bf16",
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
                    help="for an FP8 / INT4 base: bf16 (default) writes its quantized weights dequantized, LoRA merged, "
                    "in bf16 (or --dtype): about 2 bytes per parameter on disk (DeepSeek-V3: ~1.3 TB); base keeps its "
                    "format, re-quantizing the weights that have LoRA (the base's size). Memory: one weight at a time")
@@ -57,10 +58,10 @@ def cmd_inspect(args) -> int:
 
     experts, base = GENERIC_EXPERTS, None
     if args.model:
-        from ..model.export import CheckpointShapes, base_naming
+        from ..model.export import CheckpointShapes, read_base_config
 
-        naming = base_naming(Path(args.model))
-        experts, base = naming.experts, CheckpointShapes(Path(args.model), naming)
+        arch, qc = read_base_config(Path(args.model))
+        experts, base = arch.expert_path, CheckpointShapes(Path(args.model), arch, qc)
     report = inspect_adapter(args.adapter, experts=experts, base=base, expand=args.expand,
                              model_dir=Path(args.model) if args.model else None)
     print(_report_json(report) if args.json else format_report(report))

@@ -18,7 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..adapter import PROJS
+from ..adapter import PROJS, merge_lora
 from ..errors import KTChatError
 from .base import HostExperts
 
@@ -99,7 +99,7 @@ class StreamedExperts:
                 for i in range(0, n, _MERGE_BATCH):  # a few experts at a time: a small fp32 peak
                     j = min(n, i + _MERGE_BATCH)
                     w = slot[p][i:j]
-                    w.copy_(torch.baddbmm(w.float(), b[lo + i:lo + j].float(), a[lo + i:lo + j].float(), alpha=scale))
+                    w.copy_(merge_lora(w, a[lo + i:lo + j], b[lo + i:lo + j], scale))
         return slot
 
     def _release(self, chunk: int) -> None:

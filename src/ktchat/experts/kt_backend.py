@@ -21,28 +21,16 @@ import weakref
 
 import torch
 
-from ..adapter import PROJS, StackedLoRA
+from ..adapter import StackedLoRA, merge_lora
 from ..errors import KTChatError
+from ..formats import KT_METHODS, MOE_LORA_MODES, PROJS, TRAINED_METHOD  # noqa: F401 - TRAINED_METHOD re-exported
 from .base import BoundExperts, ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
 from .kt_native import NATIVE_FORMAT, NativeWeights
 from .native_output import captured
 
 logger = logging.getLogger(__name__)
 
-MODES = ("exact", "merged")
-# kt_kernel_ext.moe class names per method: inference kernels (first one present wins), SFT kernel with LoRA.
-# bf16/int8/int4 take bf16 weights (int8/int4 quantized by the kernel; int8 also KT's pre-converted INT8 as is);
-# fp8 and rawint4 (Kimi-K2's group-32 INT4) run a quantized checkpoint's own bytes (kt_native).
-_INFERENCE = {"bf16": ("AMXBF16_MOE", "AVX2BF16_MOE"), "int8": ("AMXInt8_MOE",), "int4": ("AMXInt4_MOE",),
-              "fp8": ("AMXFP8_MOE", "AVX2FP8_MOE"), "rawint4": ("AMXInt4_KGroup_MOE", "AVX2RawInt4_MOE")}
-_SFT = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_SFT_MOE", "fp8": "AMXFP8_SFT_MOE",
-        "rawint4": "AMXInt4_KGroup_SFT_MOE"}
-METHODS = tuple(_INFERENCE)
-# What KT training records as expert_weight_format (kt_adapter_manifest.json) -> the kt method that runs the same
-# math here; mxfp4 (DeepSeek-V4's native experts) is not run by ktchat.
-TRAINED_METHOD = {"bf16": "bf16", "int8": "int8", "fp8": "fp8", "rawint4": "rawint4"}
-# Weight tiles: sizes that are not multiples crash the bf16 kernel (SIGSEGV) and fail the others at load.
-_ALIGN = {"bf16": 32, "int8": 64, "int4": 128, "fp8": 128, "rawint4": 64}
+METHODS = tuple(KT_METHODS)  # the kt experts' weight formats (formats.KT_METHODS: their kernels, tiles, training)
 _M_STEP = 32  # the SFT kernel's row tile; its max_len is rounded up to it
 # With no backward pass, the SFT kernel's transposed-weight and activation-cache buffers can be shared by all layers.
 _SFT_SHARED = {"share_backward_bb": True, "share_cache_pool": True}
@@ -71,7 +59,7 @@ def cpu_variant() -> str:
 def kernel_class_name(moe_lora: str, method: str) -> str | None:
     """The kt_kernel_ext class a mode runs with a LoRA installed, or None if this build/CPU lacks it."""
     moe = kt_ext().moe
-    names = (_SFT[method],) if moe_lora == "exact" else _INFERENCE[method]
+    names = (KT_METHODS[method].sft,) if moe_lora == "exact" else KT_METHODS[method].inference
     return next((n for n in names if hasattr(moe, n)), None)
 
 
@@ -82,7 +70,7 @@ def unavailable_reason(moe_lora: str = "exact", method: str = "bf16") -> str | N
     except KTChatError as exc:
         return str(exc)
     if name is None:
-        want = _SFT[method] if moe_lora == "exact" else " or ".join(_INFERENCE[method])
+        want = KT_METHODS[method].sft if moe_lora == "exact" else " or ".join(KT_METHODS[method].inference)
         return (
             f"kt_kernel's '{cpu_variant()}' build for this CPU has no {want} kernel "
             f"(moe_lora={moe_lora!r}, method={method!r}; kt_kernel builds it only for AMX / AVX512-BF16 CPUs)"
@@ -185,8 +173,8 @@ class KTExperts(ExpertsBackend):
         keep_base_weights: bool = False,
     ):
         super().__init__(spec)
-        if moe_lora not in MODES:
-            raise KTChatError(f"kt experts: moe_lora must be one of {', '.join(MODES)} (got {moe_lora!r})")
+        if moe_lora not in MOE_LORA_MODES:
+            raise KTChatError(f"kt experts: moe_lora must be one of {', '.join(MOE_LORA_MODES)} (got {moe_lora!r})")
         if method not in METHODS:
             raise KTChatError(f"kt experts: method must be one of {', '.join(METHODS)} (got {method!r})")
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -339,7 +327,7 @@ class KTExperts(ExpertsBackend):
         for name, t in bufs.items():
             setattr(cfg, name, t.data_ptr())
         cfg.pool = self._pool.backend_
-        kernel = self._create(getattr(self._moe, _SFT[self.method]), cfg)
+        kernel = self._create(getattr(self._moe, KT_METHODS[self.method].sft), cfg)
         kernel.update_lora_weights(*(bufs[n].data_ptr() for n in _LORA_NAMES))  # refreshes its cached copies
         self._kernel, self._kernel_lora, self._kernel_rank, self._kernel_alpha = kernel, bufs, rank, alpha
 
@@ -465,7 +453,7 @@ _LORA_NAMES = tuple(f"{p}_lora_{ab}" for p in PROJS for ab in "ab")
 
 def _check_sizes(spec: ExpertsSpec, method: str) -> None:
     """The kernels tile weights in blocks; other sizes crash them, so refuse before any native call."""
-    align = _ALIGN[method]
+    align = KT_METHODS[method].align  # other sizes crash the bf16 kernel (SIGSEGV) and fail the others at load
     h, i = spec.hidden_size, spec.intermediate_size
     if h % align or i % align or h <= 0 or i <= 0:
         raise KTChatError(
@@ -479,7 +467,7 @@ def _check_sizes(spec: ExpertsSpec, method: str) -> None:
 
 
 def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[str, torch.Tensor]:
-    """W + scale * B @ A per expert, accumulated in fp32 and rounded once to bf16 (one expert at a time: low peak)."""
+    """merge_lora per expert, rounded once to bf16 (one expert at a time: a low fp32 peak)."""
     merged = {}
     for proj, w in base.items():
         if proj not in lora:
@@ -488,8 +476,7 @@ def _merge(base: dict[str, torch.Tensor], lora: dict[str, StackedLoRA]) -> dict[
         s = lora[proj]
         out = torch.empty_like(w)
         for e in range(w.shape[0]):
-            delta = s.b[e].float() @ s.a[e].float()
-            out[e] = torch.add(w[e].float(), delta, alpha=s.scale)
+            out[e] = merge_lora(w[e], s.a[e], s.b[e], s.scale)
         merged[proj] = out
     return merged
 

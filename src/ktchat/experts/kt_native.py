@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KTChatError
+from ..formats import PROJS
 from ..quant import QuantizedWeight
 from .base import ExpertsSpec
 
@@ -26,7 +27,6 @@ NATIVE_FORMAT = {"fp8": "fp8", "rawint4": "int4", "int8": "int8"}
 BLOCK = {"fp8": lambda spec, proj: (128, 128), "rawint4": lambda spec, proj: (1, 32),
          "int8": lambda spec, proj: (1, spec.weight_shape(proj)[1])}
 _QUANT_CONFIG = {"fp8": (8, 128), "rawint4": (4, 32)}  # bits, group size
-PROJS = ("gate", "up", "down")
 
 
 class NativeWeights:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..adapter import PROJS, StackedLoRA
+from ..adapter import StackedLoRA, merge_lora
 from ..errors import KTChatError
+from ..formats import MOE_LORA_MODES, PROJS
 from .base import ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
-
-MODES = ("exact", "merged")
 
 
 class TorchExperts(ExpertsBackend):
@@ -20,8 +19,8 @@ class TorchExperts(ExpertsBackend):
 
     def __init__(self, spec: ExpertsSpec, *, moe_lora: str = "exact", kt_int8: bool = False):
         super().__init__(spec)
-        if moe_lora not in MODES:
-            raise KTChatError(f"torch experts: moe_lora must be one of {MODES}, got {moe_lora!r}")
+        if moe_lora not in MOE_LORA_MODES:
+            raise KTChatError(f"torch experts: moe_lora must be one of {MOE_LORA_MODES}, got {moe_lora!r}")
         self.moe_lora = moe_lora
         # kt_int8: run KT's INT8 of the loaded weights (quant.kt_int8, dequantized), the math of an adapter trained
         # on int8 experts; weights that arrive as KT's INT8 already (load_quantized) are taken as they are.
@@ -64,7 +63,7 @@ class TorchExperts(ExpertsBackend):
         for proj, (a, b, scale) in self._lora.items():
             w = self.weights[proj]
             for e in range(w.shape[0]):
-                w[e] = torch.addmm(w[e].float(), b[e].float(), a[e].float(), alpha=scale).to(w.dtype)
+                w[e] = merge_lora(w[e], a[e], b[e], scale)
         self._lora = {}
 
     def host_experts(self) -> HostExperts:

@@ -90,6 +90,6 @@ def open_session(config: ChatConfig) -> ChatSession:
 
     m = config.model
     check_template(m.template)
-    model, tokenizer = load_model(m.model_name_or_path, m.adapter_name_or_path, **m.load_kwargs())
+    model, tokenizer = load_model(m)
     prompts = Prompts.named(model, tokenizer, m.template, config.generation.default_system)
     return ChatSession(model, tokenizer, config.generation, prompts)

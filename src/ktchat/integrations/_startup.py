@@ -8,10 +8,7 @@ must start whatever happens here (KTCHAT_DEBUG=1 prints what went wrong). KTCHAT
 import os
 
 from ..runtime import switched_off
-
-# The keys of ktchat.integrations.llamafactory.hook.HOOKS, which this module must not import (it imports the config,
-# yaml and logging); a test keeps the two equal.
-MODULES = ("llamafactory.chat.chat_model", "llamafactory.chat.hf_engine", "llamafactory.train.tuner")
+from .llamafactory import HOOKS  # names only: the package imports nothing else
 
 
 def _patch(module) -> None:
@@ -24,7 +21,7 @@ if not switched_off("KTCHAT_LLAMAFACTORY_HOOK"):
     try:
         from .importhook import when_imported
 
-        for _name in MODULES:
+        for _name in HOOKS:
             when_imported(_name, _patch)
     except Exception:  # noqa: BLE001 - a broken hook must not stop every Python program in this environment
         if os.environ.get("KTCHAT_DEBUG"):

@@ -1,56 +1,52 @@
-"""Architectures, KT-mode loading and the two-channel adapter wiring."""
+"""Architectures, KT-mode loading and the two-channel adapter wiring.
+
+load_model, top to bottom: plan.resolve decides everything from the settings, the model folder and the adapter
+(nothing is loaded yet); the skeleton is built on `meta` (loader.build_skeleton), the adapter planned against it
+(channels.plan_adapter), the checkpoint streamed along its routing table (loader.load_checkpoint, model.routes)
+while each layer's expert LoRA goes in (channels.ExpertLoRAInstall) and PEFT takes its channel
+(channels.load_peft_channel); then the generation engine is attached (ktchat.engine) and GPU prefill wired on as
+planned.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from pathlib import Path
 
 from ..errors import KTChatError
 from ..runtime import check_libraries, huge_pages_hint
 
 check_libraries()  # one line naming a missing transformers/peft/accelerate, before model code imports them
+from ..config import ModelArgs
 from .channels import ExpertLoRAInstall, load_moe_lora_from_adapter, load_peft_channel, offloaded_blocks, plan_adapter
-from .registry import ARCHS, MoEArch, arch_for
+from .placement import describe, dispatch, plan_placement
+from .plan import LoadPlan, LoadSettings, read_tokenizer, resolve
+from .registry import ARCHS, MoEArch
 
 # Absorbed MLA keeps only the latent (V2-Lite: 31 KB a token over 27 layers) and a step's cost barely grows with the
 # cache's length: its slots start long, so a growing chat is rarely moved into a bigger cache and captured again
 ABSORBED_MIN_CACHE_TOKENS = 4096
 
-__all__ = ["ARCHS", "MoEArch", "engine_of", "load_model", "load_moe_lora_from_adapter", "offloaded_blocks"]
+__all__ = ["ARCHS", "LoadPlan", "LoadSettings", "MoEArch", "engine_of", "load_model", "load_moe_lora_from_adapter",
+           "offloaded_blocks", "resolve"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(
-    model_name_or_path,
-    adapter_name_or_path=None,
-    experts_backend: str = "auto",
-    device=None,
-    dtype=None,
-    *,
-    trust_remote_code: bool = False,
-    moe_lora: str | None = None,
-    kt_method: str | None = None,
-    num_threads: int | None = None,
-    kt_weight_path=None,
-    device_map=None,
-    merge_peft_lora: bool = False,
-    cuda_graphs: bool | None = None,
-    gpu_prefill_tokens: int | str | None = None,
-    gpu_prefill_gib: float | None = None,
-):
+def load_model(model_name_or_path, adapter_name_or_path=None, *args, **kwargs):
     """Loads a MoE checkpoint in KT mode (routed experts on the CPU, the rest on `device`) and its adapter.
 
-    Returns (model, tokenizer); the model is called like any transformers causal LM. moe_lora ("exact" |
-    "merged"), kt_method (bf16, int8, int4, fp8, rawint4; default: the format a KT adapter was trained on, see
-    model.expert_format) and num_threads tune the CPU experts backend; kt_weight_path: KT's pre-converted routed
-    INT8 (default: the adapter manifest's int8_experts), loaded as it is.
-    device="auto" spreads the non-expert layers over the visible GPUs when there are several (as device_map="auto");
-    device_map may also be a dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the
-    compute-device weights after loading (fewer kernels per token; W + s*B@A rounded once to `dtype`).
+    Returns (model, tokenizer); the model is called like any transformers causal LM. Takes a `LoadPlan`
+    (`ktchat.model.resolve`), a `ktchat.config.ModelArgs`, or the settings of `LoadSettings` as arguments
+    (experts_backend, device and dtype also by position, the rest by keyword):
+    experts_backend "auto" | "torch" | "kt"; moe_lora ("exact" | "merged"), kt_method (bf16, int8, int4, fp8,
+    rawint4; default: the format a KT adapter was trained on, see model.expert_format) and num_threads tune the CPU
+    experts backend; kt_weight_path: KT's pre-converted routed INT8 (default: the adapter manifest's int8_experts),
+    loaded as it is. dtype None: the checkpoint's. device None: cuda where there is one; device="auto" spreads the
+    non-expert layers over the visible GPUs when there are several (as device_map="auto"); device_map may also be a
+    dict {module name: device}. merge_peft_lora folds the PEFT channel's LoRA into the compute-device weights after
+    loading (fewer kernels per token; W + s*B@A rounded once to `dtype`). trust_remote_code: the tokenizer's.
     The model's `generate` runs on ktchat's engine (ktchat.engine): its own cache and loop, and with cuda_graphs
     (None: wherever everything but the experts sits on one CUDA device) one CUDA graph per decoded token, the CPU
     experts inside.
@@ -58,77 +54,73 @@ def load_model(
     off for kt) runs the routed experts of prompts from N tokens on the GPU, streamed within gpu_prefill_gib
     (ktchat.model.moe.enable_gpu_prefill); "auto" or N with kt keeps kt's bf16 weights: a second host copy.
     """
-    from ..adapter import read_adapter
-    from ..experts import backend_factory
-    from . import expert_format
-    from .loader import build_skeleton, load_checkpoint, resolve_dtype
-    from .moe import check_gpu_prefill, wire_gpu_prefill
-    from .placement import check_devices, describe, dispatch, plan_placement
+    from .moe import wire_gpu_prefill
 
     start = time.perf_counter()
-    # What can be known before the slow part is checked first, cheapest first: devices, folders, files, adapter.
-    check_devices(device, device_map, cuda_graphs)
-    gpu_prefill = check_gpu_prefill(gpu_prefill_tokens, gpu_prefill_gib, device)
-    model_dir = _local_dir(model_name_or_path, "model_name_or_path")
-    adapter_dir = _local_dir(adapter_name_or_path, "adapter_name_or_path") if adapter_name_or_path else None
-    _check_json_files(model_dir)
-    config = _read_config(model_dir)
-    arch = arch_for(config)
-    generation_config = _read_generation_config(model_dir)
-    dtype = resolve_dtype(dtype, config)
-    adapter = read_adapter(adapter_dir) if adapter_dir else None
-    if trust_remote_code and getattr(config, "auto_map", None):
-        logger.info("trust_remote_code: the model runs on transformers' native %s (remote code is used for the "
-                    "tokenizer only)", config.model_type)
-    tokenizer = _read_tokenizer(model_dir, trust_remote_code)
-    fmt = expert_format.resolve(adapter, model_dir, expert_format.checkpoint_scheme(config, model_dir),
-                                experts_backend=experts_backend, kt_method=kt_method, moe_lora=moe_lora,
-                                kt_weight_path=kt_weight_path)
-    experts_backend, kt_method = fmt.experts_backend, fmt.kt_method
-    make_backend = backend_factory(experts_backend, moe_lora=moe_lora, kt_method=kt_method, num_threads=num_threads,
-                                   keep_host_weights=gpu_prefill[0] not in (None, "off"))
-
-    skeleton = build_skeleton(config, arch, make_backend, dtype)
-    int8_experts = expert_format.open_int8(fmt.int8_root, skeleton)  # checked before any weight is read
-    placement = plan_placement(skeleton.model, device, device_map, dtype)
-    plan = plan_adapter(adapter, skeleton.model, arch) if adapter else None  # validate before loading anything
+    plan = _plan_of(model_name_or_path, adapter_name_or_path, args, kwargs)
+    tokenizer = read_tokenizer(plan.model_dir, plan.trust_remote_code)
     phases = _Phases(start)
+    model, blocks, placement = _assemble(plan, phases)
+    _attach_engine(model, plan.arch, plan.cuda_graphs)
+    wire_gpu_prefill(model, *plan.gpu_prefill)
+    _log_loaded(plan, blocks, placement, phases, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def _plan_of(model, adapter, args: tuple, kwargs: dict) -> LoadPlan:
+    """load_model's arguments as a plan: one given, or resolved from ModelArgs or from LoadSettings' arguments."""
+    if not isinstance(model, (LoadPlan, ModelArgs)):
+        return resolve(LoadSettings(model, adapter, *args, **kwargs))
+    if adapter is not None or args or kwargs:
+        raise TypeError(f"load_model({type(model).__name__}) takes no other arguments")
+    return model if isinstance(model, LoadPlan) else resolve(model)
+
+
+def _assemble(plan: LoadPlan, phases: _Phases):
+    """The model built on `meta`, its checkpoint and both adapter channels loaded: (model, MoE blocks, placement).
+    Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
+    included) once the experts are read, and the PEFT channel goes in meanwhile."""
+    from .loader import build_skeleton, load_checkpoint  # looked up now: tests spy on load_checkpoint
+
+    skeleton = build_skeleton(plan.config, plan.arch, plan.experts.factory(), plan.dtype)
+    placement = plan_placement(skeleton.model, plan.devices, plan.dtype)
+    peft_modules, routed = plan_adapter(plan.adapter, skeleton.model, plan.arch) if plan.adapter else ({}, {})
     phases.done("setup")
-    peft_modules, routed = plan or ({}, {})
-    # Each layer's expert LoRA is installed on a thread while the checkpoint streams; the kernels are built (LoRA
-    # included) once the experts are read.
     with ExpertLoRAInstall(skeleton.moe_blocks, routed) if routed else contextlib.nullcontext() as lora:
-        experts = load_checkpoint(skeleton, model_dir, placement, dtype, before_prepare=lora and lora.wait,
-                                  routed_int8=int8_experts)
-        with experts.cancel_on_error():  # the PEFT channel goes in while the experts are read and packed
+        experts = load_checkpoint(skeleton, plan.model_dir, placement, plan.dtype, before_prepare=lora and lora.wait,
+                                  routed_int8=plan.int8_root)
+        with experts.cancel_on_error():
             dispatch(skeleton.model, placement)
             phases.done("checkpoint but the experts")
-            model = skeleton.model.eval()
-            if generation_config is not None:
-                model.generation_config = generation_config
-            if adapter is not None:
-                if peft_modules:
-                    model = load_peft_channel(model, adapter, peft_modules).eval()
-                if merge_peft_lora and peft_modules:
-                    model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
-                logger.info(
-                    "adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
-                    adapter.path, len(peft_modules), describe(placement), lora.count if lora else 0,
-                )
+            model = _with_peft_channel(skeleton.model.eval(), plan, peft_modules, placement, lora)
             phases.done("PEFT channel")
         experts.wait()
     phases.done("experts")
-    backend_name = ", ".join(sorted({block.experts.backend.name for block in skeleton.moe_blocks.values()}))
-    _attach_engine(model, arch, cuda_graphs)
-    wire_gpu_prefill(model, *gpu_prefill)
-    logger.info(
-        "loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
-        model_dir.name, time.perf_counter() - start, phases, len(skeleton.moe_blocks), backend_name,
-        str(dtype).removeprefix("torch."), describe(placement),
-    )
+    return model, skeleton.moe_blocks, placement
+
+
+def _with_peft_channel(model, plan: LoadPlan, peft_modules: dict, placement, lora):
+    """The model with the checkpoint's generation defaults and the adapter's PEFT channel (merged if planned)."""
+    if plan.generation_config is not None:
+        model.generation_config = plan.generation_config
+    if plan.adapter is None:
+        return model
+    if peft_modules:
+        model = load_peft_channel(model, plan.adapter, peft_modules).eval()
+        if plan.merge_peft_lora:
+            model = model.merge_and_unload()  # verified tensors first (load_peft_channel), then folded
+    logger.info("adapter %s: %d LoRA modules -> PEFT on %s; %d routed-expert LoRA modules -> CPU experts",
+                plan.adapter.path, len(peft_modules), describe(placement), lora.count if lora else 0)
+    return model
+
+
+def _log_loaded(plan: LoadPlan, blocks: dict, placement, phases: _Phases, seconds: float) -> None:
+    backend_name = ", ".join(sorted({block.experts.backend.name for block in blocks.values()}))
+    logger.info("loaded %s in %.1fs (%s): %d MoE layers' routed experts on the CPU (%s, %s), the rest on %s",
+                plan.model_dir.name, seconds, phases, len(blocks), backend_name,
+                str(plan.dtype).removeprefix("torch."), describe(placement))
     if "kt" in backend_name and (hint := huge_pages_hint()):
         logger.info(hint)
-    return model, tokenizer
 
 
 class _Phases:
@@ -170,80 +162,3 @@ def _attach_engine(model, arch: MoEArch, cuda_graphs: bool | None) -> None:
     absorbed = any(isinstance(m, AbsorbedMLA) for m in inner.modules())
     inner.ktchat_engine = Engine(inner, graphs=one_gpu and cuda_graphs is not False, hybrid=arch.hybrid(inner.config),
                                  min_cache_tokens=ABSORBED_MIN_CACHE_TOKENS if absorbed else MIN_CACHE_TOKENS)
-
-
-# The JSON files transformers reads from a model folder.
-_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
-               "special_tokens_map.json", "added_tokens.json")
-
-
-def _check_json_files(model_dir: Path) -> None:
-    """A corrupt JSON file of the model folder is one line naming it, before transformers reads it its own way
-    (tokenizers raises a bare Exception; generation_config.json used to be read after the weights)."""
-    for name in _JSON_FILES:
-        path = model_dir / name
-        if path.is_file():
-            try:
-                json.loads(path.read_bytes())
-            except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise KTChatError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """transformers' messages run over several lines and paragraphs: the first paragraph, on one line."""
-    return " ".join(str(exc).strip().split("\n\n")[0].split()) or type(exc).__name__
-
-
-def _read_config(model_dir: Path):
-    """transformers' own implementation of the family, even where the folder ships remote code (auto_map):
-    ktchat replaces its MoE blocks and relies on its module names."""
-    from transformers import AutoConfig
-
-    from .registry import NATIVE_MODEL_TYPES
-
-    path = model_dir / "config.json"
-    try:
-        raw = json.loads(path.read_bytes())
-        native = NATIVE_MODEL_TYPES.get(raw.get("model_type")) if isinstance(raw, dict) else None
-        if native is None:
-            return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        logger.info("config.json: model_type %r runs on transformers' native %s", raw["model_type"], native)
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
-        return AutoConfig.for_model(native, **fields)
-    except (OSError, ValueError, TypeError) as exc:
-        raise KTChatError(f"{path}: cannot read the model config ({_first_line(exc)})") from None
-
-
-def _read_generation_config(model_dir: Path):
-    """The checkpoint's generation defaults (its eos ids end replies), read before the weights: None without one."""
-    from transformers import GenerationConfig
-
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise KTChatError(f"{path}: cannot read the generation config ({_first_line(exc)})") from None
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        value = getattr(generation_config, key, None)
-        ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise KTChatError(f"{path}: {key} must be a token id >= 0 or a list of them, got {value!r}")
-    return generation_config
-
-
-def _read_tokenizer(model_dir: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot use
-        raise KTChatError(f"{model_dir}: cannot load the tokenizer ({_first_line(exc)})") from None
-
-
-def _local_dir(path, key: str) -> Path:
-    p = Path(str(path)).expanduser()
-    if not p.is_dir():
-        raise KTChatError(f"{key}: {path} is not a local folder (ktchat never downloads from a model hub)")
-    return p

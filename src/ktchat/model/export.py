@@ -26,65 +26,49 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from ..adapter import GENERIC_EXPERTS, ExpertPath, check_channels, read_adapter, split_channels
+from ..adapter import check_channels, merge_lora, read_adapter, split_channels
 from ..checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, QuantLayout, TensorInfo,
                           open_checkpoint, quant_layout, st_name, staged_output)
 from ..errors import KTChatError
+from ..formats import EXPORT_FORMATS
+from ..quant import quantization_config
+from .registry import FUSED_PROJS, MoEArch, arch_named
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 64 << 20
 MERGE_INTO = tuple(d.name for d in BY_TORCH_NAME.values() if d.floating and not d.narrow)  # F32, BF16, F16, F64
-FORMATS = ("bf16", "base")  # a quantized base's export: dequantized (the default), or in the base's own format
+FORMATS = EXPORT_FORMATS  # a quantized base's export: dequantized (the default), or in the base's own format
 
 
-@dataclass(frozen=True)
-class BaseNaming:
-    """How the base checkpoint names things: its routed experts, and its keys under the model's module names (the
-    names adapters use; a shipped VLM's files may differ, e.g. Kimi-K2.5's language_model.model.*)."""
-
-    experts: ExpertPath
-    module_name: Callable[[str], str] = lambda key: key
-    fused: re.Pattern | None = None  # fused expert tensors: groups layer, name (gate_up_proj / down_proj)
-    fused_transposed: bool = False  # stored [E, in, out] (Qwen3-VL-MoE), not transformers 5's [E, out, in]
-
-    def parse_fused(self, module_key: str) -> tuple[int, str] | None:
-        m = self.fused.fullmatch(module_key) if self.fused else None
-        return (int(m["layer"]), m["name"]) if m else None
-
-
-def base_naming(model_dir: Path) -> BaseNaming:
-    """The registry's naming for the base's model_type, else the generic DeepSeek/Qwen/Mixtral expert names."""
-    from .registry import ARCHS, NATIVE_MODEL_TYPES
-
+def read_base_config(model_dir: Path) -> tuple[MoEArch, dict | None]:
+    """The base's family from its config.json (a model_type ktchat does not know is refused, as load_model refuses
+    it) and its quantization_config."""
+    path = model_dir / "config.json"
     try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        config = json.loads(path.read_text())
+        model_type = config.get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
-        raise KTChatError(f"{model_dir / 'config.json'}: cannot read the base model's config ({exc})") from None
-    arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
-    if arch is None:
-        return BaseNaming(GENERIC_EXPERTS)
-    return BaseNaming(arch.expert_path, arch.module_name, arch.fused_expert_pattern, arch.fused_transposed)
+        raise KTChatError(f"{path}: cannot read the base model's config ({exc})") from None
+    return arch_named(model_type), quantization_config(config)
 
 
 class CheckpointShapes:
     """The base model's shapes from its safetensors headers (no weights loaded), as `BaseShapes`; a quantized
     module's `<module>.weight` has its logical shape (compressed-tensors' from its small weight_shape tensor)."""
 
-    def __init__(self, model_dir: Path, naming: BaseNaming):
+    def __init__(self, model_dir: Path, arch: MoEArch, qc: dict | None):
+        """`qc`: config.json's quantization_config (read_base_config)."""
         checkpoint = open_checkpoint(model_dir)
         self.headers: dict[Path, Header] = checkpoint.headers
         self.files = checkpoint.files
-        self.layout: QuantLayout = quant_layout(checkpoint, _quantization_config(model_dir),
-                                                str(model_dir / "config.json"))
-        self.shapes = {naming.module_name(k): list(shape) for k, shape in checkpoint.shapes().items()}
+        self.layout: QuantLayout = quant_layout(checkpoint, qc, str(model_dir / "config.json"))
+        self.shapes = {arch.module_name(k): list(shape) for k, shape in checkpoint.shapes().items()}
         self.quantized_shapes: dict[str, tuple[int, int]] = {}  # on-disk module -> logical [out, in]
         with _Reader() as read:
             for module, qm in self.layout.modules.items():
@@ -93,15 +77,14 @@ class CheckpointShapes:
                 else:
                     shape = tuple(checkpoint.shapes()[qm.names["data"]])
                 self.quantized_shapes[module] = shape
-                self.shapes[naming.module_name(f"{module}.weight")] = list(shape)
+                self.shapes[arch.module_name(f"{module}.weight")] = list(shape)
         self.experts: dict[int, dict[tuple[int, str], list]] = {}
         for key, shape in self.shapes.items():
-            where = naming.experts.parse(key.removesuffix(".weight")) if key.endswith(".weight") else None
-            if where is not None:
+            if (where := arch.expert_weight(key)) is not None:
                 self.experts.setdefault(where[0], {})[where[1:]] = shape
-            elif (fused := naming.parse_fused(key)) is not None and len(shape) == 3:
-                e, out, inp = (shape[0], shape[2], shape[1]) if naming.fused_transposed else shape
-                projs = ("gate", "up") if fused[1] == "gate_up_proj" else ("down",)
+            elif (fused := arch.fused_experts(key)) is not None and len(shape) == 3:
+                e, out, inp = (shape[0], shape[2], shape[1]) if arch.fused_transposed else shape
+                projs = FUSED_PROJS[fused[1]]
                 for i in range(e):
                     for proj in projs:
                         self.experts.setdefault(fused[0], {})[(i, proj)] = [out // len(projs), inp]
@@ -132,12 +115,12 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
     if format not in FORMATS:
         raise KTChatError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     with staged_output(out, overwrite) as tmp:
-        naming = base_naming(model_dir)
+        arch, qc = read_base_config(model_dir)
         adapter = read_adapter(adapter_dir)
-        channels = split_channels(adapter, naming.experts)
-        base = CheckpointShapes(model_dir, naming)
+        channels = split_channels(adapter, arch.expert_path)
+        base = CheckpointShapes(model_dir, arch, qc)
         check_channels(adapter, channels, base)
-        merge = Merger(adapter, channels, naming)
+        merge = Merger(adapter, channels, arch)
         _check_merge_dtypes(base, merge)
         quant = QuantExport(base, merge, format, dtype)
         total, weight_map = _write_all(base, merge, tmp, dtype, quant)
@@ -149,8 +132,8 @@ def export_merged(model_dir, adapter_dir, out_dir, *, dtype: str | None = None, 
 class Merger:
     """key -> merged tensor for every base weight an adapter touches; remembers what it used."""
 
-    def __init__(self, adapter, channels, naming: BaseNaming):
-        self.adapter, (self.peft, self.routed), self.naming = adapter, channels, naming
+    def __init__(self, adapter, channels, arch: MoEArch):
+        self.adapter, (self.peft, self.routed), self.arch = adapter, channels, arch
         self.used: set = set()
         self._stacked = lru_cache(maxsize=3)(lambda key: self.routed[key].stack(_torch().float32))
 
@@ -159,12 +142,10 @@ class Merger:
         name), or None."""
         if (fused := self._fused(key)) is not None:
             return fused
-        if not key.endswith(".weight"):
-            return None
-        module = self.naming.module_name(key).removesuffix(".weight")
-        if module in self.peft:
+        key = self.arch.module_name(key)
+        if key.endswith(".weight") and (module := key.removesuffix(".weight")) in self.peft:
             return module
-        where = self.naming.experts.parse(module)
+        where = self.arch.expert_weight(key)
         return where if where is not None and (where[0], where[2]) in self.routed else None
 
     def lora_for(self, key: str):
@@ -189,20 +170,19 @@ class Merger:
 
     def _fused(self, key: str) -> tuple[int, str] | None:
         """(layer, name) for a fused expert tensor the adapter has routed LoRA for."""
-        where = self.naming.parse_fused(self.naming.module_name(key))
-        projs = ("gate", "up") if where and where[1] == "gate_up_proj" else ("down",)
-        return where if where and any((where[0], p) in self.routed for p in projs) else None
+        where = self.arch.fused_experts(self.arch.module_name(key))
+        return where if where and any((where[0], p) in self.routed for p in FUSED_PROJS[where[1]]) else None
 
     def merged_fused(self, key: str, weight):
         """A fused expert tensor (is_fused) with every expert's LoRA merged in (fp32), in its stored layout."""
         layer, name = self._fused(key)
         merged = weight.float().clone()
-        w = merged.transpose(1, 2) if self.naming.fused_transposed else merged  # a view [E, out, in]
-        projs = ("gate", "up") if name == "gate_up_proj" else ("down",)
+        w = merged.transpose(1, 2) if self.arch.fused_transposed else merged  # a view [E, out, in]
+        projs = FUSED_PROJS[name]
         for proj, part in zip(projs, w.chunk(len(projs), dim=1)):
             if (layer, proj) in self.routed:
                 s = self._stacked((layer, proj))
-                part.add_(_torch().bmm(s.b, s.a), alpha=s.scale)
+                part.copy_(merge_lora(part, s.a, s.b, s.scale))
                 self.used.update((layer, e, proj) for e in range(part.shape[0]))
         return merged
 
@@ -271,10 +251,7 @@ class QuantExport:
         torch = _torch()
         w = self._weight(module).dequantize(torch.float32)
         lora = self.merge.lora_for(f"{module}.weight")
-        if lora is not None:
-            a, b, scale = lora
-            w = torch.addmm(w, b.float(), a.float(), alpha=scale)
-        return w
+        return w if lora is None else merge_lora(w, *lora)
 
     def _requantize(self, module: str, role: str, t: TensorInfo):
         from .. import quant
@@ -319,15 +296,6 @@ class _Reader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _quantization_config(model_dir: Path):
-    path = model_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KTChatError(f"{path}: cannot read the base model's config ({exc})") from None
-    return config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
 
 
 def _write_all(base: CheckpointShapes, merge: Merger, out: Path, dtype: str | None,
@@ -391,13 +359,8 @@ def _write_shard(header: Header, dst: Path, merge: Merger, dtype: str | None, ba
 
 
 def _merged(weight, lora, stored: DType):
-    """W + scale * B @ A in fp32, then the stored dtype; or only the dtype change."""
-    target = stored.torch
-    if lora is None:
-        return weight.to(target)
-    torch = _torch()
-    a, b, scale = lora
-    return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale).to(target)
+    """merge_lora (A, B, scale) stored in `stored`; or only the dtype change."""
+    return weight.to(stored.torch) if lora is None else merge_lora(weight, *lora, dtype=stored.torch)
 
 
 def _write_tensor(out, tensor) -> None:

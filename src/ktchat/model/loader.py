@@ -8,7 +8,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,32 +16,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES, Header, QuantLayout, open_checkpoint, quant_layout, st_name
+from ..checkpoint import Header, QuantLayout, open_checkpoint, quant_layout, st_name
 from ..engine.hf import generation_class
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
+from ..formats import PROJS
+from ..quant import quantization_config
 from .moe import CPUExperts, OffloadedMoE, Router
 from .placement import placement_of
-from .registry import MoEArch
+from .registry import FUSED_PROJS, MoEArch, decoder_layer
+from .routes import EXPERT, FUSED, PARAM, SKIPPED, ModelNames, Route, route_checkpoint
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {name: BY_TORCH_NAME[name].torch for name in COMPUTE_DTYPES}
-
-
-def resolve_dtype(dtype, config) -> torch.dtype:
-    """None/"auto" -> the checkpoint's dtype (float32 if it names none)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise KTChatError(f"dtype must be one of {', '.join(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[name]
-
 
 @dataclass(frozen=True)
 class Skeleton:
@@ -144,131 +129,159 @@ def _aliased(cls: type, alias: str, target: str) -> type:
 
 def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype,
                     before_prepare: Callable[[int], None] | None = None, routed_int8=None) -> ExpertLoading:
-    """Streams every tensor once to where it lives; fails on unknown tensors and on anything left empty.
+    """Streams every tensor once to where its route says (model.routes); a tensor that belongs nowhere fails
+    before any is read, and so does anything left empty after.
 
     Routed-expert tensors are read by a pool of threads straight from the file into their backend's buffers,
     then each layer's experts are prepared (packed, LoRA folded) in turn. This returns once everything else is in
     place, with the experts still loading: the caller can do other work, then must call `.wait()`. `placement` is
     a device, or {module name: device} (a device map; "" is the whole model). `before_prepare(layer)` runs (on a
     loading thread) before a layer is prepared: it waits for what else the layer's kernel needs (its LoRA).
+    `routed_int8`: the folder of KT's pre-converted INT8 experts, read instead of the checkpoint's.
     """
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     model, arch = skeleton.model, skeleton.arch
-    where_is = placement_of(placement)
-    expert_keys = {
-        arch.expert_weight_key(layer, e, proj): (layer, e, proj)
-        for layer, block in skeleton.moe_blocks.items()
-        for e in range(block.cpu_experts.backend.spec.num_experts)
-        for proj in ("gate", "up", "down")
-    }
-    # transformers 5's in-memory layout, as some checkpoints hold it: gate_up_proj [E, 2I, H] (gate rows, then up
-    # rows) and down_proj [E, H, I] per layer (or both transposed, arch.fused_transposed), split into the experts
-    fused_keys = {f"{arch.layers_path}.{layer}.{arch.moe_attr}.{arch.experts_attr}.{name}": (layer, name)
-                  for layer in skeleton.moe_blocks for name in ("gate_up_proj", "down_proj")}
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    derived = set(buffers) - set(model.state_dict())  # non-persistent (rotary tables): computed, never loaded
-    tensors = {**params, **{n: b for n, b in buffers.items() if n not in derived}}
-    keep_fp32 = _fp32_names(model)
-    text_config = arch.text_config(model.config)
     checkpoint = open_checkpoint(model_dir)  # every header read and checked here, before any weight moves
-    layout = quant_layout(checkpoint, quantization_config_of(model.config), str(model_dir / "config.json"))
-    quantized = _QuantizedParts(layout)
-    files = checkpoint.files
-    module_of = {name: arch.module_name(name) for name in files}  # the model's name for each on-disk key
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    loaded, skipped = set(), {}
-    bar = tqdm(total=len(files), desc="Loading weights", unit="tensor", disable=None)
+    layout = quant_layout(checkpoint, quantization_config(model.config), str(model_dir / "config.json"))
+    routes = route_checkpoint(arch, checkpoint, layout, ModelNames.of(model, skeleton.moe_blocks),
+                              arch.text_config(model.config))
+    int8 = _open_int8(routed_int8, skeleton.moe_blocks)  # checked before any weight is read too
+    bar = tqdm(total=len(routes), desc="Loading weights", unit="tensor", disable=None)
     experts = ExpertLoading(skeleton.moe_blocks, bar, before_prepare)
     with experts.cancel_on_error():
-        if routed_int8 is not None:  # KT's pre-converted INT8 (ktchat.kt_weights) instead of the checkpoint's experts
-            experts.replace_with_kt_int8(routed_int8)
         # Expert reads are queued first, in layer order, then their packing: the threads start at once, while the
         # rest of the checkpoint loads here.
-        in_place = set()
-        plain_experts = (n for n in files if module_of[n] in expert_keys and n not in layout.member)
-        for name in sorted(plain_experts, key=lambda n: expert_keys[module_of[n]]):
-            header = checkpoint.headers[files[name]]
-            if experts.read_into_slot(header, name, *expert_keys[module_of[name]], f"{files[name].name}: {name}"):
-                in_place.add(name)
-        # quantized routed experts: each projection's weight and scales read on the loading threads, then handed
-        # to the backend there (backend.load_quantized)
-        threaded = {m: arch.module_name(f"{m}.weight") for m in layout.modules}
-        threaded = {m: key for m, key in threaded.items() if key in expert_keys}
-        for module in sorted(threaded, key=lambda m: expert_keys[threaded[m]]):
-            names = layout.modules[module].names
-            parts = {role: (checkpoint.headers[files[n]], n) for role, n in names.items()}
-            experts.read_quantized(layout, module, parts, *expert_keys[threaded[module]],
-                                   f"{files[names['data']].name}: {module}")
-            loaded.add(threaded[module])
+        taken = _queue_expert_reads(experts, checkpoint, layout, routes, int8)
         experts.pack_after_reads()
-        for file, names in by_file.items():
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as exc:
-                raise KTChatError(f"{file}: cannot read checkpoint shard ({type(exc).__name__}: {exc})") from None
-            with handle as f:
-                for name in names:
-                    where, key = f"{file.name}: {name}", module_of[name]
-                    if name in layout.member:
-                        if layout.member[name] in threaded:
-                            continue
-                        done = quantized.add(name, f, where)
-                        if done is None:
-                            continue
-                        module, q, parts = done
-                        key, where = arch.module_name(f"{module}.weight"), f"{file.name}: {module}"
-                        if key in tensors:
-                            target = torch.float32 if key in keep_fp32 else dtype
-                            w = _dequantized_on(q, where_is(key))
-                            _assign(model, key, tensors[key], w, where_is(key), target, where)
-                            bar.update(parts)
-                        elif (reason := arch.skip_tensor(key, text_config)) is not None:
-                            skipped.setdefault(reason, []).extend([key] * parts)
-                            bar.update(parts)
-                        else:
-                            raise KTChatError(f"{where}: quantized checkpoint weight does not belong to the model"
-                                              + (" (quantized fused experts are not supported)" if key in fused_keys
-                                                 else ""))
-                        loaded.add(key)
-                        continue
-                    if key in fused_keys:
-                        fused = f.get_tensor(name).to(dtype)
-                        if arch.fused_transposed and fused.dim() == 3:
-                            fused = fused.transpose(1, 2)
-                        _load_fused(experts, *fused_keys[key], fused, where)
-                        loaded.add(key)
-                        continue
-                    if key in expert_keys:
-                        if name not in in_place:
-                            experts.load(*expert_keys[key], f.get_tensor(name).to(dtype), where)
-                        loaded.add(key)
-                        continue
-                    if key in tensors:
-                        target = torch.float32 if key in keep_fp32 else dtype
-                        _assign(model, key, tensors[key], f.get_tensor(name), where_is(key), target, where)
-                    elif key in derived:
-                        pass
-                    elif (reason := arch.skip_tensor(key, text_config)) is not None:
-                        skipped.setdefault(reason, []).append(key)
-                    else:
-                        raise KTChatError(f"{where}: checkpoint tensor does not belong to the model")
-                    loaded.add(key)
-                    bar.update(1)
-        for reason, names in skipped.items():
-            logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
-        _tie_or_fail(model, loaded, params)
-        for mname, module in model.named_modules():
-            for bname, buf in module._buffers.items():
-                if buf is not None and buf.is_meta:
-                    raise KTChatError(f"checkpoint is missing {mname}.{bname}, which the model needs")
-                if buf is not None:
-                    module._buffers[bname] = buf.to(where_is(f"{mname}.{bname}"))
+        destinations = _Destinations(skeleton, placement, dtype, layout, experts, bar)
+        loaded = _consume(checkpoint, routes, taken, destinations)
+        _check_complete(model, loaded, destinations.params, destinations.where_is)
     return experts
+
+
+def _open_int8(root: Path | None, blocks: dict[int, OffloadedMoE]):
+    """KT's INT8 set (kt_weights.KTInt8Experts) checked against these MoE layers' sizes, or None."""
+    if root is None:
+        return None
+    from ..kt_weights import open_int8_experts
+
+    spec = next(iter(blocks.values())).cpu_experts.backend.spec
+    return open_int8_experts(root, num_experts=spec.num_experts, hidden_size=spec.hidden_size,
+                             intermediate_size=spec.intermediate_size, layers=sorted(blocks))
+
+
+def _queue_expert_reads(experts: ExpertLoading, checkpoint, layout: QuantLayout, routes: dict[str, Route],
+                        int8) -> set[str]:
+    """Queues the loading threads' reads and returns the on-disk names they take. With KT's INT8, every routed-expert
+    tensor of the checkpoint is left unread. Else each plain expert tensor whose slot takes its bytes as they are,
+    and each quantized expert projection (its weight and scales, one task, handed to backend.load_quantized)."""
+    if int8 is not None:
+        taken = {name for name, route in routes.items() if route.kind in (EXPERT, FUSED)}
+        experts.replace_with_kt_int8(int8, unread=len(taken))
+        return taken
+    taken = set()
+    for name in sorted((n for n, r in routes.items() if r.kind == EXPERT), key=lambda n: routes[n].order):
+        route, file = routes[name], checkpoint.files[name]
+        if route.quantized is not None:
+            taken.add(name)
+            names = layout.modules[route.quantized].names
+            if name == names["data"]:
+                parts = {role: (checkpoint.headers[checkpoint.files[n]], n) for role, n in names.items()}
+                experts.read_quantized(layout, route.quantized, parts, *route.order, f"{file.name}: {route.quantized}")
+        elif experts.read_into_slot(checkpoint.headers[file], name, *route.order, f"{file.name}: {name}"):
+            taken.add(name)
+    return taken
+
+
+def _consume(checkpoint, routes: dict[str, Route], taken: set[str], destinations: _Destinations) -> set[str]:
+    """The shards read in turn on this thread, every tensor the loading threads did not take put where its route
+    says; returns the model names consumed (the threads' included)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in checkpoint.files.items():
+        if name not in taken:
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:
+            raise KTChatError(f"{file}: cannot read checkpoint shard ({type(exc).__name__}: {exc})") from None
+        with handle as shard:
+            for name in names:
+                destinations.put(name, routes[name], shard, file.name)
+    destinations.log_skipped()
+    return destinations.loaded | {routes[name].key for name in taken}
+
+
+class _Destinations:
+    """Puts each tensor read on this thread where its route says; remembers the model names consumed."""
+
+    def __init__(self, skeleton: Skeleton, placement, dtype: torch.dtype, layout: QuantLayout,
+                 experts: ExpertLoading, bar):
+        self.model, self.dtype, self.experts, self.bar = skeleton.model, dtype, experts, bar
+        self.transposed = skeleton.arch.fused_transposed
+        self.where_is = placement_of(placement)
+        self.keep_fp32 = _fp32_names(self.model)
+        self.params = dict(self.model.named_parameters())  # as built: what must be loaded (or tied)
+        self.meta = {**self.params, **dict(self.model.named_buffers())}
+        self.parts = _QuantizedParts(layout)
+        self.loaded: set[str] = set()
+        self.skipped: dict[str, list[str]] = {}
+
+    def put(self, name: str, route: Route, shard, file: str) -> None:
+        """Tensor `name` of the open `shard`; a quantized module's tensors once its last one has arrived."""
+        if route.quantized is None:
+            self._put(route, lambda: shard.get_tensor(name), f"{file}: {name}", 1)
+            return
+        where = f"{file}: {route.quantized}"
+        q = self.parts.add(name, shard, where)
+        if q is not None:
+            count = len(self.parts.layout.modules[route.quantized].names)
+            self._put(route, lambda: _dequantized_on(q, self.where_is(route.key)), where, count)
+
+    def _put(self, route: Route, read: Callable[[], torch.Tensor], where: str, count: int) -> None:
+        if route.kind == PARAM:
+            self._assign(route.key, read(), where)
+        elif route.kind == EXPERT:  # one the backend cannot take as stored: converted here
+            self.experts.load(route.layer, route.expert, route.proj, read().to(self.dtype), where)
+        elif route.kind == FUSED:
+            _load_fused(self.experts, route, read().to(self.dtype), self.transposed, where)
+        elif route.kind == SKIPPED:
+            self.skipped.setdefault(route.reason, []).extend([route.key] * count)
+        if route.kind not in (EXPERT, FUSED):  # experts count as their backend takes them
+            self.bar.update(count)
+        self.loaded.add(route.key)
+
+    def _assign(self, key: str, tensor: torch.Tensor, where: str) -> None:
+        meta = self.meta[key]
+        if tuple(tensor.shape) != tuple(meta.shape):
+            raise KTChatError(f"{where}: shape {list(tensor.shape)} does not fit the model config "
+                              f"(expected {list(meta.shape)})")
+        module_name, _, tname = key.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        dtype = torch.float32 if key in self.keep_fp32 else self.dtype
+        tensor = tensor.to(device=self.where_is(key), dtype=dtype)
+        if tname in module._buffers:
+            module._buffers[tname] = tensor
+        else:
+            module._parameters[tname] = nn.Parameter(tensor, requires_grad=False)
+
+    def log_skipped(self) -> None:
+        for reason, names in self.skipped.items():
+            logger.info("skipped %d checkpoint tensors of %s: %s", len(names), _layers_of(names), reason)
+
+
+def _check_complete(model, loaded: set[str], params: dict, where_is) -> None:
+    """Every parameter loaded (or tied), every buffer loaded or computed; buffers moved where their module is."""
+    _tie_or_fail(model, loaded, params)
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                raise KTChatError(f"checkpoint is missing {mname}.{bname}, which the model needs")
+            if buf is not None:
+                module._buffers[bname] = buf.to(where_is(f"{mname}.{bname}"))
 
 
 class ExpertLoading:
@@ -290,7 +303,6 @@ class ExpertLoading:
         self._packed: set[int] = set()
         self._lock = threading.Lock()
         self._stopped = False
-        self._replaced = False  # the routed experts come from KT's INT8 (replace_with_kt_int8), not the checkpoint
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(16, len(os.sched_getaffinity(0)) // 2)),
                                         thread_name_prefix="ktchat-load")
         self._futures, self._files = [], {}
@@ -325,25 +337,22 @@ class ExpertLoading:
         self._files = {}
         self._bar.close()
 
-    def replace_with_kt_int8(self, int8) -> None:
-        """Queues the reads of KT's INT8 experts (kt_weights.KTInt8Experts), one layer per task; the checkpoint's
-        own expert tensors are then skipped unread."""
+    def replace_with_kt_int8(self, int8, unread: int) -> None:
+        """Queues the reads of KT's INT8 experts (kt_weights.KTInt8Experts), one layer per task, in place of the
+        checkpoint's `unread` routed-expert tensors."""
         def read(layer: int) -> None:
             backend = self._blocks[layer].cpu_experts.backend
             for e in range(backend.spec.num_experts):
-                for proj in ("gate", "up", "down"):
+                for proj in PROJS:
                     where = f"{int8.root}: layer {layer} expert {e} {proj}_proj"
                     backend.load_quantized(proj, e, int8.weight(layer, e, proj), where)
                     self._arrived(layer)
 
-        self._replaced = True
+        self._bar.update(unread)
         self._futures += [self._pool.submit(read, layer) for layer in sorted(self._blocks)]
 
     def read_into_slot(self, header: Header, name: str, layer: int, expert: int, proj: str, where: str) -> bool:
         """Queues the read of one tensor into its slot; False where it needs converting (load it instead)."""
-        if self._replaced:
-            self._bar.update(1)
-            return True  # replaced by KT's INT8: skipped
         backend = self._blocks[layer].cpu_experts.backend
         slot = backend.weight_slot(proj, expert)
         entry = header.tensors.get(name)
@@ -357,15 +366,7 @@ class ExpertLoading:
         return True
 
     def load(self, layer: int, expert: int, proj: str, tensor: torch.Tensor, where: str) -> None:
-        if self._replaced:
-            return
         self._blocks[layer].cpu_experts.backend.load_weight(proj, expert, tensor, where)
-        self._arrived(layer)
-
-    def load_quantized(self, layer: int, expert: int, proj: str, q, where: str) -> None:
-        if self._replaced:
-            return
-        self._blocks[layer].cpu_experts.backend.load_quantized(proj, expert, q, where)
         self._arrived(layer)
 
     def _fd(self, file: Path) -> int:
@@ -381,9 +382,6 @@ class ExpertLoading:
         """Queues the read of one quantized expert projection (its tensors by role: (header, name), from any shard)
         and its hand-over to the backend, both on a loading thread; its buffers are allocated there, one
         projection at a time."""
-        if self._replaced:  # replaced by KT's INT8: skipped
-            self._bar.update(len(parts))
-            return
         reads = [(role, self._fd(header.path), header.data_start + header.tensors[name].start, header.tensors[name])
                  for role, (header, name) in parts.items()]
         self._futures.append(self._pool.submit(self._read_quantized, layout, module, reads, layer, expert, proj,
@@ -449,15 +447,6 @@ def _dequantized_on(q, device) -> torch.Tensor:
     return q.dequantize(torch.float32)
 
 
-def quantization_config_of(config):
-    """config.json's quantization_config (a VLM's may sit in its text_config), or None."""
-    for c in (config, getattr(config, "text_config", None)):
-        qc = getattr(c, "quantization_config", None) if c is not None else None
-        if qc is not None:
-            return qc.to_dict() if hasattr(qc, "to_dict") else qc
-    return None
-
-
 class _QuantizedParts:
     """Collects each quantized module's tensors as the shards stream by (a weight and its scales may sit in
     different shards); hands back the module's QuantizedWeight once the last arrives."""
@@ -467,7 +456,7 @@ class _QuantizedParts:
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, handle, where: str):
-        """(module, QuantizedWeight, its tensor count) once `name` completes its module, else None."""
+        """The module's QuantizedWeight once `name` completes it, else None; `where` names it in errors."""
         module = self.layout.member[name]
         qm = self.layout.modules[module]
         role = next(r for r, n in qm.names.items() if n == name)
@@ -476,36 +465,31 @@ class _QuantizedParts:
         if len(parts) < len(qm.names):
             return None
         del self._pending[module]
-        return module, self.layout.assemble(module, parts, where.rpartition(": ")[0] + f": {module}"), len(parts)
+        return self.layout.assemble(module, parts, where)
 
 
-def _load_fused(experts: ExpertLoading, layer: int, name: str, tensor: torch.Tensor, where: str) -> None:
-    """One layer's fused expert tensor (transformers 5's layout) loaded expert by expert."""
+def _load_fused(experts: ExpertLoading, route: Route, tensor: torch.Tensor, transposed: bool, where: str) -> None:
+    """One layer's fused expert tensor (transformers 5's layout, or both transposed) loaded expert by expert."""
     if tensor.dim() != 3:
         raise KTChatError(f"{where}: a fused expert tensor must be 3-D [experts, out, in], got {list(tensor.shape)}")
-    if name == "gate_up_proj":
-        if tensor.shape[1] % 2:
-            raise KTChatError(f"{where}: gate_up_proj rows {tensor.shape[1]} are not gate and up rows of one size")
-        parts = dict(zip(("gate", "up"), tensor.chunk(2, dim=1)))
-    else:
-        parts = {"down": tensor}
-    for proj, part in parts.items():
+    tensor = tensor.transpose(1, 2) if transposed else tensor
+    projs = FUSED_PROJS[route.proj]
+    if tensor.shape[1] % len(projs):
+        raise KTChatError(f"{where}: gate_up_proj rows {tensor.shape[1]} are not gate and up rows of one size")
+    for proj, part in zip(projs, tensor.chunk(len(projs), dim=1)):
         for e in range(part.shape[0]):
-            experts.load(layer, e, proj, part[e].contiguous(), f"{where}[{e}]")
+            experts.load(route.layer, e, proj, part[e].contiguous(), f"{where}[{e}]")
 
 
 def _layers_of(names: list[str]) -> str:
     """What the skipped tensors are: their decoder layers (model.layers.3,4), else their common module path."""
-    found = [_LAYER_NAME.match(n) for n in names]
-    if all(found) and len({m[1] for m in found}) == 1:
-        return f"{found[0][1]}.{','.join(sorted({m[2] for m in found}, key=int))}"
+    found = [decoder_layer(n) for n in names]
+    if all(found) and len({path for path, _ in found}) == 1:
+        return f"{found[0][0]}.{','.join(str(i) for i in sorted({i for _, i in found}))}"
     common = os.path.commonprefix([n.split(".") for n in names])
     if len(common) >= 2:
         return ".".join(common)
     return ", ".join(sorted({".".join(n.split(".")[:2]) for n in names}))  # e.g. a VLM's tower and projector
-
-
-_LAYER_NAME = re.compile(r"(model\.(?:language_model\.)?layers)\.(\d+)\.")
 
 
 def _fp32_names(model) -> set[str]:
@@ -520,19 +504,6 @@ def _fp32_names(model) -> set[str]:
             if isinstance(module, Router) or any(m in f".{full}." for m in marks):
                 names.add(full)
     return names
-
-
-def _assign(model, name, param, tensor, device, dtype, where) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise KTChatError(f"{where}: shape {list(tensor.shape)} does not fit the model config "
-                          f"(expected {list(param.shape)})")
-    module_name, _, tname = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    tensor = tensor.to(device=device, dtype=dtype)
-    if tname in module._buffers:
-        module._buffers[tname] = tensor
-    else:
-        module._parameters[tname] = nn.Parameter(tensor, requires_grad=False)
 
 
 def _tie_or_fail(model, loaded: set[str], params: dict) -> None:

@@ -43,21 +43,32 @@ def _check_visible(what: str, device: torch.device) -> None:
         raise KTChatError(f"{what} is not a visible CUDA device ({gpus} visible: {seen})")
 
 
-def check_devices(device, device_map=None, cuda_graphs=None) -> None:
+def check_devices(device, device_map=None, cuda_graphs=None) -> tuple:
     """Everything about placement that is known from the arguments alone, checked before anything is read:
-    `device` parses and exists, device and device_map do not clash, and cuda_graphs: true gets its one GPU."""
+    `device` parses and exists, device and device_map do not clash, and cuda_graphs: true gets its one GPU.
+    Returns (device, device_map) as plan_placement takes them: device="auto" with several visible GPUs spreads
+    the layers (device_map "auto"); a lone device resolved (None or "auto": cuda where there is one)."""
     spread = device_map is None and device == "auto" and _visible_gpus() >= 2
-    if device_map is None:
-        resolve_device(device)
-    elif device not in (None, "auto"):
+    if device_map is not None and device not in (None, "auto"):
         raise KTChatError(f"give device or device_map, not both (device={device!r})")
-    elif isinstance(device_map, dict):
-        for name, value in device_map.items():
-            _device(name, value)
+    _check_map(device_map)
+    resolved = None if device_map is not None or spread else resolve_device(device)
     obstacle = cuda_graphs and _graph_obstacle(device, device_map, spread)
     if obstacle:
         raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device ({obstacle}); "
                           "set cuda_graphs: false or leave it out")
+    return resolved, "auto" if spread else device_map
+
+
+def _check_map(device_map) -> None:
+    """A device map's values, or its name: "auto" and "balanced" spread the layers over the visible GPUs."""
+    if isinstance(device_map, dict):
+        for name, value in device_map.items():
+            _device(name, value)
+    elif isinstance(device_map, str) and device_map not in ("auto", "balanced"):
+        raise KTChatError(f"device_map must be 'auto', 'balanced' or a dict of module -> device, got {device_map!r}")
+    elif isinstance(device_map, str) and _visible_gpus() == 0:
+        raise KTChatError(f"device_map={device_map!r} spreads layers over GPUs, but no CUDA device is visible")
 
 
 def _graph_obstacle(device, device_map, spread: bool) -> str | None:
@@ -75,22 +86,15 @@ def _graph_obstacle(device, device_map, spread: bool) -> str | None:
     return None if one_gpu else f"device_map puts them on {', '.join(devices)}"
 
 
-def plan_placement(model: nn.Module, device, device_map, dtype: torch.dtype):
-    """A device, or {module name: device}. device="auto" spreads over the visible GPUs when there are several;
-    device_map="auto" always does; a dict is checked and used as given."""
-    if device_map is None and device == "auto" and torch.cuda.device_count() >= 2:
-        device_map = "auto"
+def plan_placement(model: nn.Module, devices: tuple, dtype: torch.dtype):
+    """A device, or {module name: device}, from check_devices' (device, device_map): device_map "auto" or
+    "balanced" spreads whole decoder layers over the visible GPUs; a dict is checked and used as given."""
+    device, device_map = devices
     if device_map is None:
-        return resolve_device(device)
-    if device not in (None, "auto"):
-        raise KTChatError(f"give device or device_map, not both (device={device!r})")
-    if isinstance(device_map, str):
-        if device_map not in ("auto", "balanced"):
-            raise KTChatError(f"device_map must be 'auto', 'balanced' or a dict of module -> device, got {device_map!r}")
-        gpus = torch.cuda.device_count()
-        if gpus == 0:
-            raise KTChatError(f"device_map={device_map!r} spreads layers over GPUs, but no CUDA device is visible")
-        device_map = balanced_device_map(model, {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}, dtype)
+        return device
+    if isinstance(device_map, str):  # "auto" or "balanced" (check_devices)
+        gpus = range(torch.cuda.device_count())
+        device_map = balanced_device_map(model, {i: torch.cuda.mem_get_info(i)[0] for i in gpus}, dtype)
     return checked_device_map(model, device_map)
 
 

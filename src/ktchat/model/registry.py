@@ -6,6 +6,7 @@ math (read in both 4.57 and 5.x); the end-to-end tests compare against plain tra
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -20,6 +21,9 @@ from .linear_attention import slotted
 from .mla import absorbed, rope_cos_sin, rope_freqs_cis
 
 logger = logging.getLogger(__name__)
+
+# A layer's fused expert tensor (transformers 5's layout) -> the projections it stacks along its rows, in order
+FUSED_PROJS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
 
 # (fp32 router logits [T, E], the base Router module (its fp32 buffers), config) -> (weights [T, k] fp32, ids [T, k])
 RouteFn = Callable[[torch.Tensor, torch.nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
@@ -113,25 +117,37 @@ class MoEArch:
             getattr(config, self.moe_intermediate_attr),
         )
 
-    @property
+    @functools.cached_property
     def expert_path(self) -> ExpertPath:
         """Routed-expert module paths, under the checkpoint's block name or any alias (adapters use either)."""
         names = "|".join(re.escape(n) for n, _ in self.proj_names)
-        blocks = "|".join(re.escape(b) for b in (self.moe_attr, *self.moe_attr_aliases))
-        pattern = (rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{self.experts_attr}"
-                   rf"\.(?P<expert>\d+)\.(?P<proj>{names})")
+        pattern = rf"{self._experts_prefix}\.(?P<expert>\d+)\.(?P<proj>{names})"
         return ExpertPath(re.compile(pattern), dict(self.proj_names))
 
-    @property
+    @functools.cached_property
     def fused_expert_pattern(self) -> re.Pattern:
         """A layer's fused routed-expert tensors (transformers 5's layout): groups layer and name."""
+        return re.compile(rf"{self._experts_prefix}\.(?P<name>{'|'.join(FUSED_PROJS)})")
+
+    @property
+    def _experts_prefix(self) -> str:
+        """A layer's routed-experts container, the layer index grouped as `layer`."""
         blocks = "|".join(re.escape(b) for b in (self.moe_attr, *self.moe_attr_aliases))
-        return re.compile(rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{self.experts_attr}"
-                          rf"\.(?P<name>gate_up_proj|down_proj)")
+        return rf"{re.escape(self.layers_path)}\.(?P<layer>\d+)\.(?:{blocks})\.{re.escape(self.experts_attr)}"
 
     def expert_weight_key(self, layer: int, expert: int, proj: str) -> str:
         name = {canon: n for n, canon in self.proj_names}[proj]
         return f"{self.layers_path}.{layer}.{self.moe_attr}.{self.experts_attr}.{expert}.{name}.weight"
+
+    def expert_weight(self, key: str) -> tuple[int, int, str] | None:
+        """(layer, expert, gate | up | down) of a routed expert's weight (a key under the model's names), or None."""
+        module, _, tensor = key.rpartition(".")
+        return self.expert_path.parse(module) if tensor == "weight" else None
+
+    def fused_experts(self, key: str) -> tuple[int, str] | None:
+        """(layer, gate_up_proj | down_proj) of a layer's fused routed-expert tensor, or None."""
+        m = self.fused_expert_pattern.fullmatch(key)
+        return (int(m["layer"]), m["name"]) if m else None
 
 
 # --- routing -------------------------------------------------------------------------------------------------------
@@ -213,15 +229,22 @@ def _check_noaux_tc(config) -> None:
                           f"route {k} experts per token (groups of >= 2 experts, topk_group * group size >= k)")
 
 
-_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")
+_LAYER = re.compile(r"(?P<path>model\.(?:language_model\.)?layers)\.(?P<layer>\d+)\.")
+
+
+def decoder_layer(key: str) -> tuple[str, int] | None:
+    """(layers path, index) of a key inside a decoder layer (`model.layers.3.mlp...`, a VLM's
+    `model.language_model.layers.3...`), or None."""
+    m = _LAYER.match(key)
+    return (m["path"], int(m["layer"])) if m else None
 
 
 def _mtp_layer(name: str, config) -> str | None:
     """DeepSeek-V3 and GLM-4-MoE checkpoints append num_nextn_predict_layers multi-token-prediction layers after the
     last decoder layer; transformers' model has no MTP head, so their tensors are skipped (and logged)."""
-    m = _LAYER.match(name)
+    where = decoder_layer(name)
     n, extra = config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0) or 0
-    if m and n <= int(m[1]) < n + extra:
+    if where and n <= where[1] < n + extra:
         return (f"multi-token-prediction layer (num_nextn_predict_layers={extra}), which transformers' "
                 f"{type(config).__name__.removesuffix('Config')} has no module for")
     return None
@@ -333,14 +356,20 @@ REFUSED = {
 }
 
 
-def arch_for(config) -> MoEArch:
-    model_type = getattr(config, "model_type", None)
+def arch_named(model_type) -> MoEArch:
+    """The family of a config.json's model_type; one line naming it for a family ktchat refuses or does not know."""
     if model_type in REFUSED:
         raise KTChatError(f"config.json: model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     arch = ARCHS.get(NATIVE_MODEL_TYPES.get(model_type, model_type))
     if arch is None:
         raise KTChatError(f"config.json: model_type {model_type!r} is not a supported MoE family "
                           f"(supported: {', '.join(sorted([*ARCHS, *NATIVE_MODEL_TYPES]))})")
+    return arch
+
+
+def arch_for(config) -> MoEArch:
+    """The family of a transformers config, its text settings checked."""
+    arch = arch_named(getattr(config, "model_type", None))
     text = arch.text_config(config)
     if text is None:
         raise KTChatError(f"config.json: {arch.model_type} is a VLM config without text_config")

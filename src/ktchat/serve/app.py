@@ -16,11 +16,9 @@ import threading
 import time
 import uuid
 
-from .protocol import ApiError, parse_request, read_json, sse
+from .protocol import GENERATION_FIELDS, ApiError, parse_request, read_json, sse
 
 logger = logging.getLogger(__name__)
-
-GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "do_sample", "seed", "stop", "logit_bias")
 
 
 class Server:

@@ -78,9 +78,35 @@ def _stop(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _max_tokens(body: dict):
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _optional(body, key, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = _optional(body, "logit_bias", lambda v: isinstance(v, dict) and all(
+        k.isdigit() and _is_number(b) and -100 <= b <= 100 for k, b in v.items()), "{token id: -100 to 100}")
+    return {int(k): float(v) for k, v in (bias or {}).items()}
+
+
+# The generation settings a request may set, each read and checked from the body: what the engine's prepare takes
+_GENERATION = {
+    "max_tokens": _max_tokens,
+    "temperature": lambda body: _optional(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2,
+                                          "a number from 0 to 2"),
+    "top_p": lambda body: _optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number > 0 and <= 1"),
+    "do_sample": lambda body: _optional(body, "do_sample", lambda v: isinstance(v, bool), "true or false"),
+    "seed": lambda body: _optional(body, "seed", lambda v: _is_int(v) and -(2**63) <= v < 2**64, "a 64-bit integer"),
+    "stop": lambda body: _stop(body["stop"]) if body.get("stop") is not None else (),
+    "logit_bias": _logit_bias,
+}
+GENERATION_FIELDS = tuple(_GENERATION)
+
+
 def parse_request(body: dict, model_name: str) -> dict:
-    """Check every field we read; returns plain values. Fields we do not know are ignored, as OpenAI clients
-    send extras; fields we know but cannot honour are refused rather than silently dropped."""
+    """Check every field we read; returns plain values: messages, stream, include_usage and GENERATION_FIELDS.
+    Fields we do not know are ignored, as OpenAI clients send extras; fields we know but cannot honour are refused
+    rather than silently dropped."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -93,22 +119,13 @@ def parse_request(body: dict, model_name: str) -> dict:
         if body.get(key) not in (None, False, 0, [], {}):
             raise ApiError(400, f"{key} is not supported: ktchat has no {what}", param=key, code="unsupported")
     _optional(body, "n", lambda v: v == 1 and _is_int(v), "1 (ktchat generates one choice per request)")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _optional(body, key, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    temperature = _optional(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2")
-    top_p = _optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number > 0 and <= 1")
-    seed = _optional(body, "seed", lambda v: _is_int(v) and -(2**63) <= v < 2**64, "a 64-bit integer")
+    generation = {key: read(body) for key, read in _GENERATION.items()}
     stream_options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
-    logit_bias = _optional(body, "logit_bias", lambda v: isinstance(v, dict) and all(
-        k.isdigit() and _is_number(b) and -100 <= b <= 100 for k, b in v.items()), "{token id: -100 to 100}")
     return {
         "messages": parse_messages(body.get("messages")),
         "stream": bool(_optional(body, "stream", lambda v: isinstance(v, bool), "true or false")),
         "include_usage": bool((stream_options or {}).get("include_usage")),
-        "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-        "do_sample": _optional(body, "do_sample", lambda v: isinstance(v, bool), "true or false"),
-        "stop": _stop(body["stop"]) if body.get("stop") is not None else (),
-        "logit_bias": {int(k): float(v) for k, v in (logit_bias or {}).items()},
+        **generation,
     }
 
 

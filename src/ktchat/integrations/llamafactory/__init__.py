@@ -13,6 +13,13 @@ is seen.
 
 import importlib
 
+# The hooks, in names only (the startup hook reads them without importing the hook, which imports the config, yaml
+# and logging): LLaMA-Factory module -> (its function ktchat wraps, the function of .hook that makes the wrapper)
+HOOKS = {
+    "llamafactory.chat.chat_model": ("get_infer_args", "serve_get_infer_args"),
+    "llamafactory.chat.hf_engine": ("load_model", "serve_load_model"),
+    "llamafactory.train.tuner": ("get_infer_args", "refuse_export_get_infer_args"),
+}
 _EXPORTS = {
     "KTCHAT_KEYS": "hook", "split_arguments": "hook",
     "PTH_NAME": "pth", "enable": "pth", "disable": "pth", "status": "pth",

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 from ...config import ALIASES, IGNORED_KEYS, KT_SERVED_BACKENDS, ModelArgs
 from ...errors import KTChatError
+from . import HOOKS
 
 logger = logging.getLogger(__name__)
 
@@ -314,16 +315,10 @@ def _setup_logging() -> None:
 # Installing the hooks
 
 
-HOOKS: dict[str, tuple[str, Callable[[Callable], Callable]]] = {
-    "llamafactory.chat.chat_model": ("get_infer_args", serve_get_infer_args),
-    "llamafactory.chat.hf_engine": ("load_model", serve_load_model),
-    "llamafactory.train.tuner": ("get_infer_args", refuse_export_get_infer_args),
-}
-
-
 def patch_module(module) -> None:
     """Wraps the hooked function of one of HOOKS' modules, once (a wrapper is never wrapped again)."""
-    name, make = HOOKS[module.__name__]
+    name, wrapper = HOOKS[module.__name__]
+    make = globals()[wrapper]  # HOOKS names this module's wrappers, so the startup hook need not import it
     original = getattr(module, name, None)
     if not callable(original):
         logger.warning("ktchat: %s.%s not found: use_kt is not served by ktchat with this LLaMA-Factory",
