@@ -113,6 +113,11 @@ def test_engine_decodes_every_family_as_the_reference(fam):
 
     decoded(fam.prompts[1])
     first = decoded(fam.prompts[0])
+    ids = fam.prompts[0].to(model.device)
+    out = model.generate(ids, max_new_tokens=len(first), do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)  # every decode step's logits, on what the slot held
+    want = logits(fam.reference, out.sequences[:, :-1].cpu())[0, ids.shape[1] - 1:]
+    assert rel_err(torch.stack(out.scores)[:, 0].float().cpu(), want) < FP32_BOUND
     decoded(torch.cat([fam.prompts[0], torch.tensor([first]), fam.prompts[1]], dim=1))  # the conversation goes on
     held = fam.prompts[0].shape[1] + len(first) - 1
     assert engine.last_reused == held  # everything the slot held: the last prompt and its reply but its end

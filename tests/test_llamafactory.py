@@ -549,9 +549,9 @@ def test_ktchat_chat_formats_prompts_with_the_named_template(lf_tiny):
     model, tokenizer = load_model(lf_tiny.model, lf_tiny.adapter, experts_backend="torch", dtype="float32", device="cpu")
     prompts = Prompts.named(model, tokenizer, "deepseek", default_system="Be brief.")
     session = ChatSession(model, tokenizer, GenerationArgs(do_sample=False), prompts)
-    ids = session.input_ids("Hi")[0].tolist()
+    ids = session.prompt_ids("Hi")
     assert tokenizer.decode(ids) == "<|begin|>Be brief.\n\nUser: Hi\n\nAssistant:"
-    assert tokenizer.eos_token_id in session._generate_kwargs["eos_token_id"]
+    assert tokenizer.eos_token_id in session._params.stop_ids
 
 
 def _ktchat_replies(stdout: str) -> list[str]:
