@@ -286,6 +286,34 @@ def test_small_load_with_cancellation(server):
     assert ask(server.client(), TRAINED_QA[0][0]) == TRAINED_QA[0][1]
 
 
+def load(url: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "load_test.py"), "--url", url, *args, "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_batched_load_replies_equal_solo_replies_and_memory_stays_flat(root, tiny):
+    """8 requests decoded together: 16 clients x 20 requests, every 5th abandoned midway, give no server error and
+    every completed reply equals the same request's reply alone (fp32 torch experts); the server's memory after a
+    warm-up round stays flat through the run."""
+    from load_test import rss_mib
+
+    live = Live(root, write_config(root, tiny), "--model-name", "tiny", "--max-batch", "8", "--queue-size", "64")
+    try:
+        load(live.url, "--clients", "16", "--requests", "4", "--max-tokens", "16")  # warm-up: every batch size seen
+        rss = rss_mib(live.proc.pid)
+        report = load(live.url, "--clients", "16", "--requests", "20", "--cancel-every", "5", "--max-tokens", "16",
+                      "--solo")
+        assert report["requests"] == 320 and report["server_errors"] == 0 and report["crossed"] == 0, report
+        assert set(report["status"]) <= {"200", "cancelled"} and report["status"].get("cancelled", 0) >= 32, report
+        assert rss_mib(live.proc.pid) < 1.1 * rss, (rss, rss_mib(live.proc.pid))
+        health = settle(live.url)
+        assert (health["running"], health["waiting"], health["max_batch"]) == (0, 0, 8)
+    finally:
+        live.stop()
+
+
 def test_queue_full_503_api_key_and_clean_shutdown(root, tiny):
     live = Live(root, write_config(root, tiny), "--queue-size", "1", "--model-name", "tiny",
                 env={"API_KEY": "sekret"})

@@ -37,9 +37,9 @@ class Engine:
     """Generation over one transformers causal LM (its PEFT layers included) with ktchat's runner and cache."""
 
     def __init__(self, model: nn.Module, *, graphs: bool, hybrid: bool, min_cache_tokens: int = MIN_CACHE_TOKENS,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, graph_rows: int | None = None):
         self.model = model
-        self.runner = ModelRunner(model, graphs)
+        self.runner = ModelRunner(model, graphs, graph_rows)
         self.hybrid, self.min_cache_tokens, self.prefill_chunk = hybrid, min_cache_tokens, prefill_chunk
         self._lora = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
         self._adapters, self._epoch = None, 0

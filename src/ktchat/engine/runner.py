@@ -37,8 +37,10 @@ class _Graph:
 class ModelRunner:
     """Forward passes of one transformers causal LM on a SlotCache."""
 
-    def __init__(self, model: nn.Module, graphs: bool):
+    def __init__(self, model: nn.Module, graphs: bool, graph_rows: int | None = None):
+        """graph_rows: the most rows a captured step may hold (None: GRAPH_BATCHES' largest)."""
         self.model = model
+        self.buckets = tuple(b for b in GRAPH_BATCHES if graph_rows is None or b <= graph_rows)
         params = inspect.signature(type(model).forward).parameters
         # transformers 5 renames past_key_values to cache, model by model
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -70,9 +72,9 @@ class ModelRunner:
         compute only the first B. `key` names the adapter state: a captured graph holds the LoRA as it was."""
         self.steps += 1
         batch = len(rows)
-        bucket = next((b for b in GRAPH_BATCHES if b >= batch), None) if self.graphs else None
-        if bucket is None:  # eager: every row as it is
-            bound = self._bind(batch, batch)
+        bucket = next((b for b in self.buckets if b >= batch), None) if self.graphs else None
+        if bucket is None:  # eager: every row as it is; a big batch's copies go unbound (its per-layer syncs are
+            bound = batch <= GRAPH_BATCHES[-1] and self._bind(batch, batch)  # a small part of its step)
             inputs = self._inputs(rows, tokens, positions)
             with bound_step(batch if bound else 0):
                 return self._step(cache, inputs, rows == list(range(cache.slots)), visible=max(positions) + 1)
