@@ -97,9 +97,10 @@ def _offloaded(idx: int, block: nn.Module, arch: MoEArch, config, make_backend, 
 def install_block(layer: nn.Module, arch: MoEArch, block: nn.Module | None = None) -> nn.Module:
     """Returns the layer's MoE/MLP block, moved (or replaced by `block`) under the checkpoint's name `arch.moe_attr`.
 
-    Where the running transformers calls it otherwise (Mixtral's `mlp` in 5.x for `block_sparse_moe`), the layer's
-    class gets that name as a read-only alias, so its forward still finds the block and every module path matches
-    the checkpoint and per-expert adapters in both majors.
+    Where the running transformers calls it otherwise (Mixtral's `mlp` in 5.x for `block_sparse_moe`), that name is
+    kept on the layer as a plain attribute pointing to the same block (not a registered submodule, so the block has
+    one name in every module path, which matches the checkpoint and per-expert adapters in both majors): the
+    layer's forward still finds it.
     """
     names = (arch.moe_attr, *arch.moe_attr_aliases)
     current = next((n for n in names if n in layer._modules), None)
@@ -111,20 +112,10 @@ def install_block(layer: nn.Module, arch: MoEArch, block: nn.Module | None = Non
         if name == current:
             name, module = arch.moe_attr, (module if block is None else block)
         layer._modules[name] = module
-    if current != arch.moe_attr:
-        layer.__class__ = _aliased(type(layer), current, arch.moe_attr)
+    for alias in arch.moe_attr_aliases:
+        if alias == current or alias in layer.__dict__:  # the name this transformers' forward reads
+            object.__setattr__(layer, alias, layer._modules[arch.moe_attr])  # not nn.Module's: no second registration
     return layer._modules[arch.moe_attr]
-
-
-_ALIASED: dict[tuple[type, str, str], type] = {}
-
-
-def _aliased(cls: type, alias: str, target: str) -> type:
-    key = (cls, alias, target)
-    if key not in _ALIASED:
-        _ALIASED[key] = type(cls.__name__, (cls,), {alias: property(lambda self: getattr(self, target)),
-                                                      "__module__": cls.__module__})
-    return _ALIASED[key]
 
 
 def load_checkpoint(skeleton: Skeleton, model_dir: Path, placement, dtype: torch.dtype,

@@ -191,28 +191,45 @@ def _expert_lora_b(model) -> dict[str, torch.Tensor]:
 def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, family) -> None:
     """Loads the tiny model of a `families.Family`, makes its routed experts per-expert Linears, trains LoRA until
     it answers TRAINED_QA, saves."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
-
-    from ..model.registry import ARCHS
 
     if (reason := family.unavailable()) is not None:
         raise RuntimeError(f"cannot build the tiny {family.name}: {reason}")
     tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, mask, labels = _batch(training_examples(tok), tok.pad_token_id)
+    model = _with_lora(_per_expert_model(model_dir, family, ids, mask), model_dir, family)
+    _train(model, family, ids, mask, labels)
+    check_answers(model, tok, "fp32")
+    check_answers(copy.deepcopy(model).to(torch.bfloat16), tok, "bf16")
+    dead = [n for n, p in _expert_lora_b(model).items() if not p.detach().abs().sum()]
+    if dead:
+        raise RuntimeError(f"routed-expert LoRA never trained: {dead[:3]}")
+    _check_expert_lora_matters(model, ids, mask, labels)
+    save_adapter(model, adapter_dir, base_model_path, family, _config_dict(model_dir))
+
+
+@torch.no_grad()
+def _per_expert_model(model_dir: Path, family, ids, mask):
+    """The tiny model in plain transformers with its routed experts as per-expert Linears, checked unchanged."""
+    from ..model.registry import ARCHS
+
     model = ARCHS[family.name].auto_class().from_pretrained(model_dir, dtype=torch.float32)
-    examples = training_examples(tok)
-    ids, mask, labels = _batch(examples, tok.pad_token_id)
     model.eval()
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).logits
-        if family.name == "deepseek_v2":
-            swap_moe(model, model_dir)
-        else:
-            per_expert_experts(model, model_dir, family.name)
-        diff = (model(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    if family.name == "deepseek_v2":
+        swap_moe(model, model_dir)
+    else:
+        per_expert_experts(model, model_dir, family.name)
+    diff = (model(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f"per-expert MoE swap changed the logits by {diff:.3g}")
     logger.info("MoE swap: logits match HF (max abs diff %.2g)", diff)
+    return model
+
+
+def _with_lora(model, model_dir: Path, family):
+    """PEFT's LoRA on exactly the modules `lora_target: all` hits, only the LoRA trainable."""
+    from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=recipe.LORA_R, lora_alpha=recipe.LORA_ALPHA, lora_dropout=0.0, bias="none",
                       target_modules=family.lora_regex, task_type="CAUSAL_LM")
@@ -224,9 +241,14 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, fami
     if got != want or model.peft_config["default"].target_parameters:
         raise RuntimeError(f"PEFT wrapped other modules than planned: extra {sorted(got - want)[:3]}, "
                            f"missing {sorted(want - got)[:3]}")
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
     if not all("lora_" in n for n, p in model.named_parameters() if p.requires_grad):
         raise RuntimeError("non-LoRA parameters are trainable")
+    return model
+
+
+def _train(model, family, ids, mask, labels) -> None:
+    """AdamW on the LoRA until every trained answer is greedy and likely enough."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=family.train_lr, weight_decay=0.0)
     model.train()
     for step in range(1, recipe.TRAIN_MAX_STEPS + 1):
@@ -243,14 +265,6 @@ def train_adapter(model_dir: Path, adapter_dir: Path, base_model_path: str, fami
     else:
         raise RuntimeError(f"tiny adapter did not converge in {recipe.TRAIN_MAX_STEPS} steps")
     logger.info("trained in %d steps: loss %.4f, min answer-token p %.3f", step - 1, loss.item(), min_p)
-
-    check_answers(model, tok, "fp32")
-    check_answers(copy.deepcopy(model).to(torch.bfloat16), tok, "bf16")
-    dead = [n for n, p in _expert_lora_b(model).items() if not p.detach().abs().sum()]
-    if dead:
-        raise RuntimeError(f"routed-expert LoRA never trained: {dead[:3]}")
-    _check_expert_lora_matters(model, ids, mask, labels)
-    save_adapter(model, adapter_dir, base_model_path, family, _config_dict(model_dir))
 
 
 @torch.no_grad()
