@@ -2,6 +2,7 @@
 
     python bench/load_test.py --config demo.yaml                   # starts the server itself on a free port
     python bench/load_test.py --url http://127.0.0.1:8000 --model NAME --clients 8 --requests 20
+    python bench/load_test.py --config kt.yaml --max-batch 64 --clients 64 --requests 4 --cancel-every 0
 
 The mix: trained questions (greedy answers are checked, so crossed streams would show), streamed and not, and
 long replies (eos banned through logit_bias) that keep the engine busy; every --cancel-every-th request is
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--deadline", type=float, default=900.0, help="the whole run, seconds")
+    p.add_argument("--max-batch", type=int, help="with --config: the server's --max-batch")
     p.add_argument("--solo", action="store_true", help="first each kind of request alone; every reply under load must "
                    "equal its solo reply")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
 
     proc = None
     if args.config:
-        proc, url = start_server(args.config, Path(os.environ.get("TMPDIR", "/tmp")) / "ktchat-load-test.log")
+        extra = ("--max-batch", str(args.max_batch), "--queue-size", str(4 * args.clients)) if args.max_batch else ()
+        proc, url = start_server(args.config, Path(os.environ.get("TMPDIR", "/tmp")) / "ktchat-load-test.log", *extra)
     else:
         url = args.url.rstrip("/")
         if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
