@@ -104,9 +104,12 @@ def test_kt_experts_take_the_whole_batch_in_one_call(tiny, monkeypatch):
     steps = engine.runner.steps
     together = [s.wait().tokens for s in [engine.submit(p, params) for p in prompts]]
     assert together == alone
+    assert max(int(b._bsz[0]) for b in submits) == len(prompts)  # every row of the step in one task
+    if DEVICE == "cuda":  # a replayed graph queues the tasks itself: Python sees only the captures
+        assert engine.runner._captured
+        return
     layers = sum(1 for m in model.modules() if getattr(m, "_bound", None) is not None)
-    assert len(submits) == (engine.runner.steps - steps) * layers  # one task per layer per step, all rows in it
-    assert max(int(b._bsz[0]) for b in submits) == len(prompts)
+    assert len(submits) == (engine.runner.steps - steps) * layers  # one task per layer per step
 
 
 def test_engine_threads_end_with_close(tiny):

@@ -71,7 +71,7 @@ def test_sampling_settings_processors_criteria_and_streamer_as_transformers(tiny
 
     class ThreeTokens(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((1,), input_ids.shape[1] >= ids.shape[1] + 3, dtype=torch.bool)
+            return torch.full((1,), input_ids.shape[1] >= ids.shape[1] + 3, dtype=torch.bool, device=input_ids.device)
 
     tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny.model)
     extras = lambda: dict(logits_processor=[Ban()], stopping_criteria=[ThreeTokens()])  # noqa: E731

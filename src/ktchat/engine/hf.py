@@ -126,7 +126,11 @@ def _request(model, args: tuple, kwargs: dict) -> tuple[_Request | None, str]:
 
 
 def _unhandled(config) -> list[str]:
-    """The config's fields set away from their defaults that the engine neither implements nor may ignore."""
+    """The config's fields set away from their defaults that the engine neither implements nor may ignore (a field
+    off either way, None / False / 0, is not set: a model's own config spells output_attentions=False where a fresh
+    GenerationConfig has None)."""
     default = type(config)().to_dict()
+    off = (None, False, 0)
     return sorted(k for k, v in config.to_dict().items()
-                  if k in default and k not in HANDLED and k not in NEUTRAL and v != default[k])
+                  if k in default and k not in HANDLED and k not in NEUTRAL and v != default[k]
+                  and not (v in off and default[k] in off))

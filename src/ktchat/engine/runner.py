@@ -73,6 +73,8 @@ class ModelRunner:
         self.steps += 1
         batch = len(rows)
         bucket = next((b for b in self.buckets if b >= batch), None) if self.graphs else None
+        if bucket is not None and not self._bind(bucket, batch):
+            bucket = None  # these experts cannot be queued on a stream: the graphs are off from now on
         if bucket is None:  # eager: every row as it is; a big batch's copies go unbound (its per-layer syncs are
             bound = batch <= GRAPH_BATCHES[-1] and self._bind(batch, batch)  # a small part of its step)
             inputs = self._inputs(rows, tokens, positions)
@@ -80,8 +82,6 @@ class ModelRunner:
                 return self._step(cache, inputs, rows == list(range(cache.slots)), visible=max(positions) + 1)
         pad = bucket - batch
         inputs = self._inputs(rows + [cache.slots - 1] * pad, tokens + [0] * pad, positions + [0] * pad)
-        if not self._bind(bucket, batch):
-            return self.decode(cache, rows, tokens, positions, key)  # the graphs went off: eager
         graph = self._captured.get((id(cache), bucket, key))
         if graph is None:
             return self._capture(cache, inputs, key)[:batch]
@@ -96,7 +96,10 @@ class ModelRunner:
         return graph.logits[:batch]
 
     def forget_graphs(self) -> None:
+        """Drops every captured graph; the next capture gets a new memory pool (reusing the pool of graphs already
+        freed trips the caching allocator's bookkeeping)."""
         self._captured.clear()
+        self._pool = None
 
     # --- internals ----------------------------------------------------------------------------------------------
     def _forward(self, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -133,6 +136,8 @@ class ModelRunner:
         """Runs the step eagerly (it is this token's step, and lazy initialisations happen outside the capture), then
         captures it; capturing executes nothing, so the cache is written once."""
         bucket = inputs["rows"].shape[0]
+        if any(k[0] != id(cache) for k in self._captured):  # an older cache's graphs go first, with their pool
+            self.forget_graphs()
         static = {name: value.clone() for name, value in inputs.items()}
         with bound_step(bucket):
             logits = self._step(cache, static, False, visible=None)
@@ -146,7 +151,6 @@ class ModelRunner:
             except Exception as exc:  # noqa: BLE001 - an uncapturable model still decodes, eagerly
                 self._eager(f"capture failed ({str(exc).splitlines()[0]})")
                 return logits
-        self._captured = {k: g for k, g in self._captured.items() if k[0] == id(cache)}  # older caches' graphs go
         self._captured[(id(cache), bucket, key)] = _Graph(graph, static, out, torch.cuda.Event(blocking=True))
         logger.debug("decode step of %d rows captured as a CUDA graph (%d positions a slot)", bucket, cache.length)
         return logits
