@@ -228,6 +228,8 @@ def hf_infer_rows(model: Path, adapter: Path, data: Path, template, max_samples=
 def test_a_llamafactory_dataset_is_predicted_as_hf_infer_builds_it(lf_tiny, tmp_path, template):
     """No template: LLaMA-Factory parses the tokenizer's (the format the adapter was trained on: the trained answers
     come out); `default`: one of its own by name."""
+    from datasets import load_dataset
+
     data = _dataset_dir(tmp_path)
     config = write_config(tmp_path, lf_tiny, template=template, dataset="tiny_qa", dataset_dir=str(data))
     assert main(["predict", str(config)]) == 0
@@ -243,3 +245,5 @@ def test_a_llamafactory_dataset_is_predicted_as_hf_infer_builds_it(lf_tiny, tmp_
     assert f"{Q0}\nSay it twice." in written[3]["prompt"]  # alpaca's instruction and input, one message
     if template is None:
         assert [r["predict"] for r in written[:3]] == [a for _, a in TRAINED_QA]
+    scored = load_dataset("json", data_files=str(tmp_path / "generated_predictions.jsonl"), split="train")
+    assert scored.to_list() == written  # as LLaMA-Factory's scripts/eval_bleu_rouge.py reads it
