@@ -4,10 +4,12 @@
     python bench/load_test.py --url http://127.0.0.1:8000 --model NAME --clients 8 --requests 20
 
 The mix: trained questions (greedy answers are checked, so crossed streams would show), streamed and not, and
-long replies (eos banned through logit_bias) that keep the worker busy; every --cancel-every-th request is
-abandoned midway (a stream closed after its second chunk, or a call given up after 0.3 s). The run is bounded in
-count and time and targets 127.0.0.1 only. It reports p50/p95 latency, tokens/s, status counts and the server's
-threads / queue / memory before and after; exits 1 on any 5xx other than 503 (queue full) or a wrong answer.
+long replies (eos banned through logit_bias) that keep the engine busy; every --cancel-every-th request is
+abandoned midway (a stream closed after its second chunk, or a call given up after 0.3 s). With --solo each kind of
+request is first sent alone, and every reply under load must equal its solo reply (batching may not change a
+reply). The run is bounded in count and time and targets 127.0.0.1 only. It reports p50/p95 latency, time to first
+token and inter-token latency, tokens/s, status counts and the server's threads / queue / memory before and after;
+exits 1 on any 5xx other than 503 (queue full), a wrong answer or a reply that differs from its solo reply.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def rss_mib(pid: int) -> float | None:
 
 
 class Stats:
-    def __init__(self):
-        self.latencies, self.first_token, self.status = [], [], {}
-        self.tokens, self.wrong = 0, []
+    def __init__(self, solo: dict | None = None):
+        self.latencies, self.first_token, self.inter_token, self.status = [], [], [], {}
+        self.tokens, self.wrong, self.crossed = 0, [], []
+        self.solo = solo or {}  # (question, long reply) -> its reply alone
 
     def count(self, key) -> None:
         self.status[key] = self.status.get(key, 0) + 1
@@ -114,6 +117,9 @@ async def one_request(client, model: str, k: int, args, stats: Stats) -> None:
     stats.count(200)
     if not long_reply and text != answer:
         stats.wrong.append((question, text))
+    solo = stats.solo.get((question, long_reply))
+    if solo is not None and text != solo:
+        stats.crossed.append((question, text, solo))
 
 
 class _Abandoned(Exception):
@@ -123,11 +129,16 @@ class _Abandoned(Exception):
 async def _streamed(client, kwargs, cancel: bool, start: float, stats: Stats):
     stream = await client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
     pieces, usage, chunks = [], None, 0
+    last = None
     async with stream:
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
+                now = time.perf_counter()
                 if not pieces:
-                    stats.first_token.append(time.perf_counter() - start)
+                    stats.first_token.append(now - start)
+                else:
+                    stats.inter_token.append(now - last)
+                last = now
                 pieces.append(chunk.choices[0].delta.content)
             usage = chunk.usage or usage
             chunks += 1
@@ -136,12 +147,30 @@ async def _streamed(client, kwargs, cancel: bool, start: float, stats: Stats):
     return "".join(pieces), usage
 
 
-async def run_load(url: str, model: str, args) -> tuple[Stats, float]:
+async def solo_replies(url: str, model: str, args) -> dict:
+    """Each kind of request sent alone, one after the other: the replies batching must not change."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "none", max_retries=0,
                                 timeout=args.timeout)
-    stats = Stats()
+    replies = {}
+    async with client:
+        for question, _ in QA:
+            for long_reply in (False, True):
+                kwargs = dict(model=model, messages=[{"role": "user", "content": question}], max_tokens=args.max_tokens)
+                if long_reply:
+                    kwargs["logit_bias"] = EOS_BANNED
+                reply = await client.chat.completions.create(**kwargs)
+                replies[(question, long_reply)] = reply.choices[0].message.content
+    return replies
+
+
+async def run_load(url: str, model: str, args, solo: dict | None = None) -> tuple[Stats, float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "none", max_retries=0,
+                                timeout=args.timeout)
+    stats = Stats(solo)
 
     async def worker(c: int):
         for r in range(args.requests):
@@ -171,10 +200,14 @@ def report(stats: Stats, wall: float, before: dict, after: dict, rss: tuple) -> 
     server_errors = sum(n for s, n in stats.status.items() if isinstance(s, int) and s >= 500 and s != 503)
     return {
         "requests": sum(stats.status.values()), "status": {str(k): v for k, v in sorted(stats.status.items(), key=str)},
-        "server_errors": server_errors, "wrong_answers": len(stats.wrong), "wall_s": round(wall, 2),
+        "server_errors": server_errors, "wrong_answers": len(stats.wrong), "crossed": len(stats.crossed),
+        "wall_s": round(wall, 2),
         "latency_p50_s": round(percentile(stats.latencies, 50), 3),
         "latency_p95_s": round(percentile(stats.latencies, 95), 3),
         "first_token_p50_s": round(percentile(stats.first_token, 50), 3),
+        "first_token_p95_s": round(percentile(stats.first_token, 95), 3),
+        "inter_token_p50_s": round(percentile(stats.inter_token, 50), 4),
+        "inter_token_p95_s": round(percentile(stats.inter_token, 95), 4),
         "completion_tokens": stats.tokens, "tokens_per_s": round(stats.tokens / wall, 1),
         "threads": [before["threads"], after["threads"]], "served": after["served"] - before["served"],
         "after": {k: after[k] for k in ("waiting", "busy", "watchers")},
@@ -195,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--deadline", type=float, default=900.0, help="the whole run, seconds")
+    p.add_argument("--solo", action="store_true", help="first each kind of request alone; every reply under load must "
+                   "equal its solo reply")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = p.parse_args(argv)
 
@@ -207,8 +242,9 @@ def main(argv=None) -> int:
             p.error("--url must be a loopback address")
     try:
         model = args.model or get_json(url + "/v1/models")["data"][0]["id"]
+        solo = asyncio.run(solo_replies(url, model, args)) if args.solo else None
         before, rss0 = get_json(url + "/health"), proc and rss_mib(proc.pid)
-        stats, wall = asyncio.run(run_load(url, model, args))
+        stats, wall = asyncio.run(run_load(url, model, args, solo))
         after = settle(url)
         result = report(stats, wall, before, after, (rss0, proc and rss_mib(proc.pid)))
     finally:
@@ -222,7 +258,9 @@ def main(argv=None) -> int:
             print(f"{key:>18}: {value}")
         for question, text in stats.wrong[:5]:
             print(f"wrong answer to {question!r}: {text!r}")
-    return 1 if result["server_errors"] or result["wrong_answers"] else 0
+        for question, text, solo in stats.crossed[:5]:
+            print(f"reply to {question!r} under load {text!r} differs from its solo reply {solo!r}")
+    return 1 if result["server_errors"] or result["wrong_answers"] or result["crossed"] else 0
 
 
 if __name__ == "__main__":

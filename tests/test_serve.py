@@ -71,7 +71,8 @@ def root(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def server(root, tiny):
-    live = Live(root, write_config(root, tiny), "--model-name", "tiny")
+    """One request at a time: the waiting line's rules are visible."""
+    live = Live(root, write_config(root, tiny), "--model-name", "tiny", "--max-batch", "1")
     yield live
     live.stop()
 
@@ -285,6 +286,34 @@ def test_small_load_with_cancellation(server):
     assert ask(server.client(), TRAINED_QA[0][0]) == TRAINED_QA[0][1]
 
 
+def load(url: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "load_test.py"), "--url", url, *args, "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_batched_load_replies_equal_solo_replies_and_memory_stays_flat(root, tiny):
+    """8 requests decoded together: 16 clients x 20 requests, every 5th abandoned midway, give no server error and
+    every completed reply equals the same request's reply alone (fp32 torch experts); the server's memory after a
+    warm-up round stays flat through the run."""
+    from load_test import rss_mib
+
+    live = Live(root, write_config(root, tiny), "--model-name", "tiny", "--max-batch", "8", "--queue-size", "64")
+    try:
+        load(live.url, "--clients", "16", "--requests", "4", "--max-tokens", "16")  # warm-up: every batch size seen
+        rss = rss_mib(live.proc.pid)
+        report = load(live.url, "--clients", "16", "--requests", "20", "--cancel-every", "5", "--max-tokens", "16",
+                      "--solo")
+        assert report["requests"] == 320 and report["server_errors"] == 0 and report["crossed"] == 0, report
+        assert set(report["status"]) <= {"200", "cancelled"} and report["status"].get("cancelled", 0) >= 32, report
+        assert rss_mib(live.proc.pid) < 1.1 * rss, (rss, rss_mib(live.proc.pid))
+        health = settle(live.url)
+        assert (health["running"], health["waiting"], health["max_batch"]) == (0, 0, 8)
+    finally:
+        live.stop()
+
+
 def test_queue_full_503_api_key_and_clean_shutdown(root, tiny):
     live = Live(root, write_config(root, tiny), "--queue-size", "1", "--model-name", "tiny",
                 env={"API_KEY": "sekret"})
@@ -339,72 +368,50 @@ def test_bad_config_or_port_is_one_line_exit_2(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("ktchat: error: ") and fragment in result.stderr
 
 
-class FakeModel:
-    """Stands in for the MoE model in Service unit tests: its engine emits tokens 70, 71, ... and can block or fail."""
-
-    device, generation_config = "cpu", None
-    config = argparse.Namespace(max_position_embeddings=64, vocab_size=512)
-
-    def __init__(self):
-        self.gate, self.prompts, self.ktchat_engine = threading.Event(), [], self
-
-    def keep(self, conversations, max_bytes=None):
-        pass
-
-    def kept(self):
-        return 0
-
-    def generate(self, prompt, params, on_token, stop, **kwargs):
-        from ktchat.engine import Generation
-
-        self.prompts.append(prompt)
-        self.gate.wait(10)
-        if params.repetition_penalty == 2.0:
-            raise RuntimeError("boom")
-        out = Generation([], "length", 0)
-        for t in range(params.max_new_tokens):
-            out.tokens.append(70 + t)
-            on_token(70 + t)
-            if stop(None, None):
-                out.finish_reason = "stopped"
-                break
-        return out
-
-
-def test_service_fifo_queue_cancel_errors_and_close(tiny):
+def test_service_queue_cancel_errors_and_close(tiny, monkeypatch):
+    """The Service over the real engine, one request at a time, its first prefill held at a gate: the line is FIFO,
+    a full line refuses, a cancelled waiting job ends at once and never runs, a failing job reports its error and the
+    next one runs, close cancels the rest."""
     from transformers import AutoTokenizer
 
     from ktchat.config import GenerationArgs
-    from ktchat.generate.service import QueueFull, Service
-
     from ktchat.generate import Prompts
+    from ktchat.generate.service import QueueFull, Service
+    from ktchat.model import engine_of, load_model
 
-    model, events, tokenizer = FakeModel(), [], AutoTokenizer.from_pretrained(tiny.model)
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
     service = Service(model, tokenizer, GenerationArgs(do_sample=False, max_new_tokens=4), Prompts(model, tokenizer),
-                     queue_size=2, kept_caches=0)
-    jobs = [service.prepare([{"role": "user", "content": f"q{i}"}], lambda k, p, i=i: events.append((i, k, p)))
-            for i in range(5)]
+                      queue_size=2, kept_caches=0, max_batch=1)
+    gate, events, prefill = threading.Event(), [], engine_of(model).runner.prefill
+
+    def gated(cache, slot, ids, start):
+        gate.wait(30)
+        if tokenizer.encode("boom", add_special_tokens=False)[0] in ids:
+            raise RuntimeError("boom")
+        return prefill(cache, slot, ids, start)
+
+    monkeypatch.setattr(engine_of(model).runner, "prefill", gated)
+    jobs = [service.prepare([{"role": "user", "content": text}], lambda k, p, i=i: events.append((i, k, p)))
+            for i, text in enumerate(["q0", "q1", "q2", "q3", "boom"])]
     service.submit(jobs[0])
     wait_for(lambda: service.stats()["busy"])
     service.submit(jobs[1])
     service.submit(jobs[2])
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         service.submit(jobs[3])
-    service.cancel(jobs[1])  # leaves the queue at once, never reaches the model
+    service.cancel(jobs[1])  # leaves the line at once, never reaches the model
     assert (1, "done") in [e[:2] for e in events] and service.stats()["waiting"] == 1
-    model.gate.set()
+    gate.set()
     wait_for(lambda: sum(k == "done" for _, k, _ in events) == 3)
-    assert [i for i, k, _ in events if k == "done"] == [1, 0, 2]  # FIFO among the ones that ran
-    assert [p for i, k, p in events if k == "done" and i != 1][0].finish_reason == "length"
-    assert len(model.prompts) == 2
-    jobs[4].generation = GenerationArgs(do_sample=False, max_new_tokens=2, repetition_penalty=2.0)
-    service.submit(jobs[4])  # generate raises: that request gets the error, the worker goes on
+    assert [i for i, k, _ in events if k == "done"] == [1, 0, 2]  # first come, first served among those that ran
+    assert [p for i, k, p in events if k == "done" and i != 1][0].finish_reason in ("stop", "length")
+    service.submit(jobs[4])  # its prefill fails: that request gets the error, the engine goes on
     wait_for(lambda: any(k == "error" for _, k, _ in events))
     service.submit(jobs[3])
     wait_for(lambda: (3, "done") in [e[:2] for e in events])
-    assert service.stats() == {"waiting": 0, "busy": False, "served": 4, "queue_size": 2, "kept_caches": 0,
-                              "last_reused_tokens": 0}
+    stats = service.stats()
+    assert (stats["waiting"], stats["running"], stats["served"], stats["queue_size"]) == (0, 0, 4, 2)
     service.close()
-    assert not service._thread.is_alive()
     with pytest.raises(QueueFull, match="shutting down"):
         service.submit(jobs[0])

@@ -23,16 +23,18 @@ def test_writes_land_at_each_rows_slot_and_position_and_reads_follow_the_rows():
     assert keys.shape == (1, 2, 8, 4) and keys[0, :, 0].eq(1).all() and not keys[0, :, 1:].any()
 
 
-def test_indexer_keys_and_resize_keep_what_slots_hold():
+def test_indexer_keys_and_resizing_keep_what_each_slot_holds():
     cache = SlotCache(slots=2, length=4)
     step(cache, [1], [[0, 1, 2]], visible=3)
     cache.update_indexer(torch.ones(1, 3, 5), layer_idx=3)
     cache.update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), layer_idx=0)
-    bigger = cache.resized(slots=1, length=16, keep={1: 3})  # old slot 1 becomes slot 0
-    step(bigger, [0], [[3]], visible=4)
+    bigger = cache.resized(slots=3, length=16)  # slot for slot
+    step(bigger, [1], [[3]], visible=4)
     keys = bigger.update_indexer(torch.full((1, 1, 5), 2.0), layer_idx=3)
     assert keys.shape == (1, 4, 5) and keys[0, :3].eq(1).all() and keys[0, 3].eq(2).all()
-    assert bigger.length == 16 and bigger.slots == 1 and bigger.token_bytes() == (5 + 2 + 2) * 4
+    assert bigger.length == 16 and bigger.slots == 3 and bigger.token_bytes() == (5 + 2 + 2) * 4
+    step(bigger, [0, 2], [[0], [0]], visible=1)
+    assert not bigger.update_indexer(torch.zeros(2, 1, 5), layer_idx=3).any()  # the other slots held nothing
 
 
 def test_linear_state_zero_at_first_saved_restored_and_reset():

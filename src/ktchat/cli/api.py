@@ -24,6 +24,8 @@ def add_command(subparsers) -> None:
                      "model folder's name)")
     api.add_argument("--queue-size", type=int, default=16, help="requests that may wait while one generates; "
                      "more are answered 503 (default 16)")
+    api.add_argument("--max-batch", type=int, help="requests generated at once, sharing each step (continuous "
+                     "batching; default: as many 4,096-token conversations as half the free memory holds, at most 64)")
     api.add_argument("--kept-caches", type=int, default=4, help="conversations whose KV cache is kept, so a request "
                      "continuing one prefills only its new tokens (least recently used dropped first; 0: off; "
                      "default 4)")
@@ -41,6 +43,8 @@ def listen_settings(args) -> tuple[str, int, str | None]:
         raise KTChatError(f"port must be an integer from 1 to 65535 (got {port!r})")
     if args.queue_size < 1:
         raise KTChatError(f"--queue-size must be an integer >= 1 (got {args.queue_size})")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise KTChatError(f"--max-batch must be an integer >= 1 (got {args.max_batch})")
     if args.kept_caches < 0 or not args.kept_cache_gib >= 0:
         raise KTChatError(f"--kept-caches and --kept-cache-gib must be >= 0 (got {args.kept_caches}, "
                           f"{args.kept_cache_gib})")
@@ -86,10 +90,11 @@ def cmd_api(args) -> int:
 
     with bind_listener(host, port) as sock:
         session = open_session(config)  # the same model, tokenizer and settings as `ktchat chat`
+        batch = args.max_batch or session.engine.batch_that_fits()
         service = Service(session.model, session.tokenizer, config.generation, session.prompts,
                           queue_size=args.queue_size, kept_caches=args.kept_caches,
-                          kept_cache_bytes=int(args.kept_cache_gib * (1 << 30)))
-        logger.info("serving %s on http://%s:%d/v1 (queue size %d%s)", name, host, port, args.queue_size,
-                    ", API key required" if api_key else "")
+                          kept_cache_bytes=int(args.kept_cache_gib * (1 << 30)), max_batch=batch)
+        logger.info("serving %s on http://%s:%d/v1 (%d requests at once, queue size %d%s)", name, host, port, batch,
+                    args.queue_size, ", API key required" if api_key else "")
         run_uvicorn(Server(service, name, api_key).app(), service, host, port, sock=sock)
     return 0

@@ -137,6 +137,11 @@ class SlotCache(Cache):
     def allocated(self) -> bool:
         return bool(self._kv or self._indexer or self._linear)
 
+    def devices(self) -> set[torch.device]:
+        """Where the buffers are (one device, or each layer's where layers are spread over GPUs)."""
+        tensors = [t for pair in (*self._kv.values(), *self._linear.values()) for t in pair] + list(self._indexer.values())
+        return {t.device for t in tensors}
+
     def slot_bytes(self) -> int:
         """Bytes one slot takes, every layer's buffers (known once a forward has allocated them)."""
         tensors = [t for pair in (*self._kv.values(), *self._linear.values()) for t in pair] + list(self._indexer.values())
@@ -151,17 +156,16 @@ class SlotCache(Cache):
         tensors = [t for pair in self._kv.values() for t in pair] + list(self._indexer.values())
         return sum(t.nbytes for t in tensors) // max(self.slots * self.length, 1)
 
-    def resized(self, slots: int, length: int, keep: dict[int, int]) -> "SlotCache":
-        """A cache of another shape holding what this one's slots held: keep {old slot: tokens} goes to new slots
-        0, 1, ... in that order (at most `slots` of them, `length` tokens each)."""
+    def resized(self, slots: int, length: int) -> "SlotCache":
+        """A cache of another shape holding what this one holds, slot for slot (sequences may be running in them):
+        the first min(slots) slots and min(length) positions."""
         new = SlotCache(slots, length)
-        moves = list(keep.items())[:slots]
         for i, (keys, values) in self._kv.items():
-            new._kv[i] = tuple(self._copy_rows(t, 2, moves, slots, length) for t in (keys, values))
+            new._kv[i] = tuple(self._copy(t, 2, slots, length) for t in (keys, values))
         for i, keys in self._indexer.items():
-            new._indexer[i] = self._copy_rows(keys, 1, moves, slots, length)
+            new._indexer[i] = self._copy(keys, 1, slots, length)
         for i, pair in self._linear.items():
-            new._linear[i] = tuple(self._copy_rows(t, None, moves, slots, length) for t in pair)
+            new._linear[i] = tuple(self._copy(t, None, slots, length) for t in pair)
         return new
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -178,16 +182,14 @@ class SlotCache(Cache):
         return seen if self._all_slots else seen.index_select(0, self._rows.to(buffer.device))
 
     @staticmethod
-    def _copy_rows(t: torch.Tensor, length_dim: int | None, moves, slots: int, length: int) -> torch.Tensor:
+    def _copy(t: torch.Tensor, length_dim: int | None, slots: int, length: int) -> torch.Tensor:
         shape = list(t.shape)
         shape[0] = slots
         if length_dim is not None:
             shape[length_dim] = length
         out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        for new_slot, (old_slot, tokens) in enumerate(moves):
-            if length_dim is None:
-                out[new_slot].copy_(t[old_slot])
-            else:
-                n = min(tokens, length, t.shape[length_dim])
-                out[new_slot].narrow(length_dim - 1, 0, n).copy_(t[old_slot].narrow(length_dim - 1, 0, n))
+        index = [slice(0, min(slots, t.shape[0]))] + [slice(None)] * (t.dim() - 1)
+        if length_dim is not None:
+            index[length_dim] = slice(0, min(length, t.shape[length_dim]))
+        out[tuple(index)] = t[tuple(index)]
         return out

@@ -21,6 +21,10 @@ from .step import BindableExperts, Refreshable, bound_step
 
 logger = logging.getLogger(__name__)
 
+# Batch sizes a decode step is captured at (a batch runs in the smallest that holds it); larger batches run eagerly,
+# where Python's launches are a small part of a step that reads most experts anyway.
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
 
 @dataclass
 class _Graph:
@@ -33,8 +37,10 @@ class _Graph:
 class ModelRunner:
     """Forward passes of one transformers causal LM on a SlotCache."""
 
-    def __init__(self, model: nn.Module, graphs: bool):
+    def __init__(self, model: nn.Module, graphs: bool, graph_rows: int | None = None):
+        """graph_rows: the most rows a captured step may hold (None: GRAPH_BATCHES' largest)."""
         self.model = model
+        self.buckets = tuple(b for b in GRAPH_BATCHES if graph_rows is None or b <= graph_rows)
         params = inspect.signature(type(model).forward).parameters
         # transformers 5 renames past_key_values to cache, model by model
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -61,21 +67,24 @@ class ModelRunner:
         return self._forward(cache, tokens, positions)[0]
 
     def decode(self, cache: SlotCache, rows: list[int], tokens: list[int], positions: list[int], key=()) -> torch.Tensor:
-        """One token for each row (slot rows[b] at positions[b]); returns logits [B, vocab]. `key` names the adapter
-        state: a captured graph holds the LoRA as it was, so another state gets a graph of its own."""
+        """One token for each row (slot rows[b] at positions[b]); returns logits [B, vocab]. A graph runs a bucket
+        of rows (GRAPH_BATCHES): the rows past B are the cache's last slot, a scratch slot, and the CPU experts
+        compute only the first B. `key` names the adapter state: a captured graph holds the LoRA as it was."""
         self.steps += 1
         batch = len(rows)
-        all_slots = rows == list(range(cache.slots))
-        inputs = {"ids": torch.tensor(tokens, device=self.device)[:, None],
-                  "positions": torch.tensor(positions, device=self.device)[:, None],
-                  "rows": torch.tensor(rows, device=self.device)}
-        bound = self._bind(batch)
-        if not self.graphs:
+        bucket = next((b for b in self.buckets if b >= batch), None) if self.graphs else None
+        if bucket is None:  # eager: every row as it is; a big batch's copies go unbound (its per-layer syncs are
+            bound = batch <= GRAPH_BATCHES[-1] and self._bind(batch, batch)  # a small part of its step)
+            inputs = self._inputs(rows, tokens, positions)
             with bound_step(batch if bound else 0):
-                return self._step(cache, inputs, all_slots, visible=max(positions) + 1)
-        graph = self._captured.get((id(cache), batch, all_slots, key))
+                return self._step(cache, inputs, rows == list(range(cache.slots)), visible=max(positions) + 1)
+        pad = bucket - batch
+        inputs = self._inputs(rows + [cache.slots - 1] * pad, tokens + [0] * pad, positions + [0] * pad)
+        if not self._bind(bucket, batch):
+            return self.decode(cache, rows, tokens, positions, key)  # the graphs went off: eager
+        graph = self._captured.get((id(cache), bucket, key))
         if graph is None:
-            return self._capture(cache, inputs, all_slots, key)
+            return self._capture(cache, inputs, key)[:batch]
         for name, value in inputs.items():
             graph.inputs[name].copy_(value)
         for module in self.refreshable:
@@ -84,7 +93,7 @@ class ModelRunner:
         # Waits asleep: a spinning wait (the default synchronize) would take a core the kt workers need.
         graph.done.record()
         graph.done.synchronize()
-        return graph.logits
+        return graph.logits[:batch]
 
     def forget_graphs(self) -> None:
         self._captured.clear()
@@ -107,33 +116,39 @@ class ModelRunner:
         cache.begin(inputs["rows"], inputs["positions"], visible=visible, all_slots=all_slots)
         return self._forward(cache, inputs["ids"], inputs["positions"])
 
-    def _bind(self, batch: int) -> bool:
-        """Every CPU experts module on fixed buffers for this batch; False (and no graphs) where one cannot."""
-        unbound = [e for e in self.experts if not e.bind(batch)]
+    def _inputs(self, rows: list[int], tokens: list[int], positions: list[int]) -> dict[str, torch.Tensor]:
+        return {"ids": torch.tensor(tokens, device=self.device)[:, None],
+                "positions": torch.tensor(positions, device=self.device)[:, None],
+                "rows": torch.tensor(rows, device=self.device)}
+
+    def _bind(self, tokens: int, valid: int) -> bool:
+        """Every CPU experts module on fixed buffers of `tokens` rows, `valid` of them computed; False (and no
+        graphs) where one cannot be bound."""
+        unbound = [e for e in self.experts if not e.bind(tokens, valid)]
         if unbound and self.graphs:
             self._eager(f"the {unbound[0].name} experts cannot be queued on a CUDA stream")
         return not unbound
 
-    def _capture(self, cache: SlotCache, inputs: dict, all_slots: bool, key) -> torch.Tensor:
+    def _capture(self, cache: SlotCache, inputs: dict, key) -> torch.Tensor:
         """Runs the step eagerly (it is this token's step, and lazy initialisations happen outside the capture), then
         captures it; capturing executes nothing, so the cache is written once."""
-        batch = inputs["rows"].shape[0]
+        bucket = inputs["rows"].shape[0]
         static = {name: value.clone() for name, value in inputs.items()}
-        with bound_step(batch):
-            logits = self._step(cache, static, all_slots, visible=None)
+        with bound_step(bucket):
+            logits = self._step(cache, static, False, visible=None)
             torch.cuda.synchronize()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self._pool):
-                    out = self._step(cache, static, all_slots, visible=None)
+                    out = self._step(cache, static, False, visible=None)
             except Exception as exc:  # noqa: BLE001 - an uncapturable model still decodes, eagerly
                 self._eager(f"capture failed ({str(exc).splitlines()[0]})")
                 return logits
         self._captured = {k: g for k, g in self._captured.items() if k[0] == id(cache)}  # older caches' graphs go
-        self._captured[(id(cache), batch, all_slots, key)] = _Graph(graph, static, out, torch.cuda.Event(blocking=True))
-        logger.debug("decode step of %d sequence(s) captured as a CUDA graph (%d positions a slot)", batch, cache.length)
+        self._captured[(id(cache), bucket, key)] = _Graph(graph, static, out, torch.cuda.Event(blocking=True))
+        logger.debug("decode step of %d rows captured as a CUDA graph (%d positions a slot)", bucket, cache.length)
         return logits
 
     def _eager(self, reason: str) -> None:

@@ -75,20 +75,23 @@ class SlotTable:
     def __len__(self) -> int:
         return len(self.held)
 
-    def choose(self, prompt: list[int]) -> Resume:
-        """The slot for `prompt` and where in it the prompt starts."""
+    def choose(self, prompt: list[int], busy=frozenset()) -> Resume | None:
+        """The slot for `prompt` and where in it the prompt starts; slots in `busy` (sequences running in them) are
+        not taken. None where every slot is busy."""
+        free_slots = [s for s in range(len(self.held)) if s not in busy]
+        if not free_slots:
+            return None
         self._clock += 1
+        oldest = min(free_slots, key=lambda s: self.held[s].used)
         if not self.reuse:
-            slot = min(range(len(self.held)), key=lambda s: self.held[s].used)
-            return Resume(slot, 0)
-        points = [resume_point(h, prompt, self.hybrid) for h in self.held]
-        best = max(range(len(self.held)), key=lambda s: (points[s][0], self.held[s].used))
+            return Resume(oldest, 0)
+        points = {s: resume_point(self.held[s], prompt, self.hybrid) for s in free_slots}
+        best = max(free_slots, key=lambda s: (points[s][0], self.held[s].used))
         position, saved = points[best]
         if position > 0 and (2 * position >= len(self.held[best].ids) or len(self.held) == 1):
             return Resume(best, position, saved)
-        free = [s for s, h in enumerate(self.held) if not h.ids]
-        slot = free[0] if free else min(range(len(self.held)), key=lambda s: self.held[s].used)
-        return Resume(slot, *points[slot]) if not free else Resume(slot, 0)
+        empty = [s for s in free_slots if not self.held[s].ids]
+        return Resume(empty[0], 0) if empty else Resume(oldest, *points[oldest])
 
     def start(self, resume: Resume, prompt: list[int], save_at=()) -> list[int]:
         """The prompt runs in its slot: what the slot holds is cut to the reused part. Returns the positions after

@@ -33,8 +33,9 @@ class BindableExperts(ABC):
     """Experts a step can run on fixed buffers queued from the CUDA stream (a graph can then capture them)."""
 
     @abstractmethod
-    def bind(self, tokens: int) -> bool:
-        """Fixed buffers for steps of `tokens` tokens; False where these experts cannot be queued on a stream."""
+    def bind(self, tokens: int, valid: int | None = None) -> bool:
+        """Fixed buffers for steps of `tokens` rows, the first `valid` (default all) computed; False where these
+        experts cannot be queued on a stream."""
 
     @property
     @abstractmethod

@@ -194,3 +194,8 @@ class BoundExperts(ABC):
 
     @abstractmethod
     def wait(self, stream: int | None = None) -> None: ...
+
+    @abstractmethod
+    def set_tokens(self, count: int) -> None:
+        """From the next submit on, compute only the first `count` rows of the buffers (a batch padded to the size a
+        graph was captured at: the padding rows cost nothing)."""

@@ -442,6 +442,12 @@ class _BoundKT(BoundExperts):
         else:
             pool.sync_with_cuda_stream(stream)
 
+    def set_tokens(self, count):
+        if not 0 < count <= self._buffers[0].shape[0]:
+            raise KTChatError(f"layer {self._experts.spec.layer_idx}: kt experts bound to "
+                              f"{self._buffers[0].shape[0]} rows cannot compute {count}")
+        self._bsz[0] = count  # read by the task when it runs (a replayed graph's too)
+
 
 def _kernel_rank_scale(lora: dict[str, StackedLoRA]) -> tuple[int, float]:
     """The SFT kernel's one rank (the largest) and one scale (the largest in size) for all projections."""

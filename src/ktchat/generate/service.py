@@ -1,19 +1,17 @@
-"""One generation at a time on the shared CPU experts: a bounded FIFO of jobs and the one worker thread that runs them
-on the model's engine.
+"""The api's requests on the model's engine: validation into jobs, a bounded waiting line, cancellation, and each
+reply's text with its stop strings.
 
-Why one worker: every request runs its routed experts on the same CPU cores, so two generations at once only slow
-each other down until the engine batches them. Requests wait in a FIFO (fair: first come, first served); a full queue
-refuses at once (the server answers 503) instead of letting latency grow without bound. Each job has a stop event
-that ends its generation within one token (client gone, stop string seen, shutdown), so the worker is free as soon as
-nobody waits for the rest. One long-lived thread, no per-request threads: nothing to leak under sustained use. The
-engine keeps the last conversations' caches (`kept_caches`): a request continuing one computes only its new tokens.
+The engine runs up to `max_batch` requests at once (continuous batching: a request joins at the next step and
+leaves when it ends, ktchat.engine); the rest wait in arrival order, and a full line refuses at once (the server
+answers 503) instead of letting latency grow without bound. A job's stop event ends its generation at the next token
+(client gone, stop string seen, shutdown). The engine keeps the last conversations' caches (`kept_caches`): a
+request continuing one computes only its new tokens.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -56,6 +54,7 @@ class Job:
     seed: Optional[int] = None
     logit_bias: dict = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
     cancel: threading.Event = field(default_factory=threading.Event)
+    sequence: Any = None  # the engine's Sequence, once submitted
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -69,30 +68,27 @@ class Service:
     Model, tokenizer and prompts are the ones `ktchat chat` uses (generate.open_session), so replies match it."""
 
     def __init__(self, model, tokenizer, generation: GenerationArgs, prompts: Prompts, queue_size: int = 16,
-                 kept_caches: int = 4, kept_cache_bytes: int = 4 << 30):
-        if queue_size < 1:
-            raise KTChatError(f"queue size must be an integer >= 1 (got {queue_size!r})")
+                 kept_caches: int = 4, kept_cache_bytes: int = 4 << 30, max_batch: int = 1):
+        if queue_size < 1 or max_batch < 1:
+            raise KTChatError(f"queue size and batch must be integers >= 1 (got {queue_size!r}, {max_batch!r})")
         if kept_caches < 0 or kept_cache_bytes < 0:
             raise KTChatError(f"kept caches and their bytes must be >= 0 (got {kept_caches!r}, {kept_cache_bytes!r})")
         from ..model import engine_of
 
         self.engine = engine_of(model)
-        self.engine.keep(kept_caches if kept_cache_bytes > 0 else 0, kept_cache_bytes)
+        self.engine.keep(kept_caches if kept_cache_bytes > 0 else 0, kept_cache_bytes, max_batch=max_batch)
         self.last_reused = 0  # prompt tokens the last generation did not compute again
         self.model, self.tokenizer, self.defaults, self.queue_size = model, tokenizer, generation, queue_size
         self.prompts = prompts
         config = getattr(model, "config", None)
         self.vocab_size = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-        # The event loop encodes while the worker decodes, and a fast tokenizer is not safe to share across threads.
+        # The event loop encodes while the engine's thread decodes, and a fast tokenizer is not safe to share.
         self._tokenizer_lock = threading.Lock()
-        self._cond = threading.Condition()  # guards the queue, the running job and `served`
-        self._waiting: deque[Job] = deque()
-        self._running: Optional[Job] = None
+        self._lock = threading.Lock()  # guards `_jobs`, `served` and `_closed`
+        self._jobs: set[Job] = set()  # submitted and not done
         self._closed = False
         self.served = 0
-        self._thread = threading.Thread(target=self._loop, name="ktchat-api-worker", daemon=True)
-        self._thread.start()
 
     # --- tokenizer ----------------------------------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> list[int]:
@@ -132,92 +128,76 @@ class Service:
 
     # --- queue --------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue a job (FIFO); raises QueueFull when `queue_size` jobs already wait or the engine is closed."""
-        with self._cond:
+        """Start a job (it waits its turn in the engine); raises QueueFull when `queue_size` jobs already wait or
+        the service is closed."""
+        with self._lock:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.queue_size:
-                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are already waiting "
+            waiting = self.engine.stats()["waiting"]
+            if waiting >= self.queue_size:
+                raise QueueFull(f"the server is busy: {waiting} requests are already waiting "
                                 f"(queue size {self.queue_size}); retry later")
-            self._waiting.append(job)
-            self._cond.notify()
+            self._jobs.add(job)
+            reply = ReplyText(self.decode, job.stop)
+            job.sequence = self.engine.submit(job.input_ids, self._params(job),
+                                              on_token=lambda t: self._token(job, reply, t),
+                                              stop=lambda *_: job.cancel.is_set(),
+                                              on_end=lambda sequence: self._done(job, reply, sequence))
 
     def cancel(self, job: Job) -> None:
-        """Stop a job wherever it is: out of the queue at once, or at the next token if it runs. Idempotent."""
+        """Stop a job wherever it is: out of the line at once, or at the next token if it runs. Idempotent."""
         job.cancel.set()
-        with self._cond:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                return
-        job.emit("done", Result("", 0, "cancelled"))
+        if job.sequence is not None:
+            self.engine.cancel(job.sequence)
 
     def stats(self) -> dict:
-        with self._cond:
-            return {"waiting": len(self._waiting), "busy": self._running is not None, "served": self.served,
-                    "queue_size": self.queue_size, "kept_caches": self.engine.kept(),
-                    "last_reused_tokens": self.last_reused}
+        engine = self.engine.stats()
+        with self._lock:
+            return {"waiting": engine["waiting"], "running": engine["running"], "busy": engine["running"] > 0,
+                    "max_batch": engine["max_batch"], "served": self.served, "queue_size": self.queue_size,
+                    "kept_caches": self.engine.kept(), "last_reused_tokens": self.last_reused}
 
     def close(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, cancel the waiting ones and the running one, and wait for the worker to end."""
-        with self._cond:
+        """Refuse new jobs and cancel the ones submitted; they end (as cancelled) at the engine's next step."""
+        with self._lock:
             self._closed = True
-            waiting, self._waiting = list(self._waiting), deque()
-            if self._running is not None:
-                self._running.cancel.set()
-            self._cond.notify_all()
-        for job in waiting:
-            job.cancel.set()
-            job.emit("done", Result("", 0, "cancelled"))
-        self._thread.join(timeout)
+            jobs = list(self._jobs)
+        for job in jobs:
+            self.cancel(job)
+        for job in jobs:
+            job.sequence.wait(timeout)
 
-    # --- worker -------------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                job = self._running = self._waiting.popleft()
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._running = None
-                    self.served += 1
-
-    def _run(self, job: Job) -> None:
-        if job.cancel.is_set():
-            job.emit("done", Result("", 0, "cancelled"))
-            return
-        try:
-            job.emit("done", self._generate(job))
-        except Exception as exc:  # reported to this request only; the worker goes on with the next one
-            logger.exception("generation failed")
-            job.emit("error", exc)
-
-    def _generate(self, job: Job) -> Result:
+    # --- the engine's side (its thread) -------------------------------------------------------------------------
+    def _params(self, job: Job):
         extra = {"logit_bias": tuple(job.logit_bias.items())}
         if not job.generation.greedy and job.seed is not None:
             extra["seed"] = job.seed
-        params = self.prompts.sampling(job.generation, **extra)
-        reply = ReplyText(self.decode, job.stop)
+        return self.prompts.sampling(job.generation, **extra)
 
-        def on_token(token: int) -> None:
-            piece = reply.push(token)
-            if piece:
-                job.emit("text", piece)
-            if reply.stopped:
-                job.cancel.set()  # ends the generation after this token
+    @staticmethod
+    def _token(job: Job, reply: ReplyText, token: int) -> None:
+        piece = reply.push(token)
+        if piece:
+            job.emit("text", piece)
+        if reply.stopped:
+            job.cancel.set()  # ends the generation after this token
 
-        out = self.engine.generate(job.input_ids, params, on_token=on_token, stop=lambda *_: job.cancel.is_set())
-        self.last_reused = out.reused
+    def _done(self, job: Job, reply: ReplyText, out) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+            if out.slot >= 0:  # it ran (a job cancelled while it waited did not)
+                self.served += 1
+                self.last_reused = out.out.reused
+        if out.error is not None:
+            logger.error("generation failed: %s", out.error)
+            job.emit("error", out.error)
+            return
         tail = reply.finish()
         if tail:
             job.emit("text", tail)
-        if reply.stopped or out.finish_reason == "eos":
+        reason = out.out.finish_reason
+        if reply.stopped or reason == "eos":
             reason = "stop"
-        else:
-            reason = "cancelled" if out.finish_reason == "stopped" else "length"
-        return Result(reply.text, len(reply.tokens), reason)
+        elif reason in ("stopped", "cancelled"):
+            reason = "cancelled"
+        job.emit("done", Result(reply.text, len(reply.tokens), reason))

@@ -1,17 +1,15 @@
 """A multi-turn chat over a model loaded by ktchat, streaming the reply as it is generated.
 
-The engine's generate blocks until the reply is done, so it runs in a worker thread that puts text pieces on a
-queue while the caller reads them. The worker's exceptions are carried back and re-raised in the caller (otherwise a
-failed turn would leave the reader waiting forever), and a caller that stops reading (Ctrl+C, closing the iterator)
-stops the worker at the next token instead of letting it run on. The engine keeps the conversation's cache from one
-turn to the next: a turn computes only what is new.
+The engine generates on its own thread and hands each token over; the session turns tokens into text pieces on a
+queue the caller reads. A failed reply is re-raised in the caller, and a caller that stops reading (Ctrl+C, closing
+the iterator) cancels the reply at the next token instead of letting it run on. The engine keeps the conversation's
+cache from one turn to the next: a turn computes only what is new.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 from typing import Iterator
 
 from ..config import ChatConfig, GenerationArgs
@@ -46,22 +44,9 @@ class ChatSession:
     def stream(self, user_message: str) -> Iterator[str]:
         """Yield the reply's text pieces as they are generated; the finished reply joins the history."""
         pieces: queue.Queue = queue.Queue()
-        cancel, errors = threading.Event(), []
         reply = ReplyText(self._decode)
-        prompt = self.prompt_ids(user_message)
-
-        def work():
-            try:
-                self.engine.generate(prompt, self._params, on_token=lambda t: pieces.put(reply.push(t)),
-                                     stop=lambda *_: cancel.is_set())
-                pieces.put(reply.finish())
-            except BaseException as exc:  # carried to the reader, which re-raises it
-                errors.append(exc)
-            finally:
-                pieces.put(_END)
-
-        thread = threading.Thread(target=work, name="ktchat-generate", daemon=True)
-        thread.start()
+        sequence = self.engine.submit(self.prompt_ids(user_message), self._params,
+                                      on_token=lambda t: pieces.put(reply.push(t)), on_end=lambda _: pieces.put(_END))
         text = []
         try:
             while (piece := pieces.get()) is not _END:
@@ -69,10 +54,11 @@ class ChatSession:
                     text.append(piece)
                     yield piece
         finally:
-            cancel.set()  # no-op when the reply is done; stops it when the reader left early
-            thread.join()
-        if errors:
-            raise errors[0]
+            sequence.cancel()  # no-op when the reply is done; stops it when the reader left early
+            sequence.wait()  # re-raises what failed it
+        text.append(reply.finish())
+        if text[-1]:
+            yield text[-1]
         self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": "".join(text)}]
 
     def reply(self, user_message: str) -> str:

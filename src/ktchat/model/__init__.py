@@ -61,8 +61,8 @@ def load_model(model_name_or_path, adapter_name_or_path=None, *args, **kwargs):
     tokenizer = read_tokenizer(plan.model_dir, plan.trust_remote_code)
     phases = _Phases(start)
     model, blocks, placement = _assemble(plan, phases)
-    _attach_engine(model, plan.arch, plan.cuda_graphs)
     wire_gpu_prefill(model, *plan.gpu_prefill)
+    _attach_engine(model, plan.arch, plan.cuda_graphs)
     _log_loaded(plan, blocks, placement, phases, time.perf_counter() - start)
     return model, tokenizer
 
@@ -152,6 +152,7 @@ def _attach_engine(model, arch: MoEArch, cuda_graphs: bool | None) -> None:
     decode steps as CUDA graphs wherever everything but the experts sits on one GPU, unless cuda_graphs is false."""
     from ..engine import MIN_CACHE_TOKENS, Engine
     from .mla import AbsorbedMLA
+    from .moe import OffloadedMoE
 
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
@@ -160,5 +161,8 @@ def _attach_engine(model, arch: MoEArch, cuda_graphs: bool | None) -> None:
         raise KTChatError(f"cuda_graphs: true needs every non-expert weight on one CUDA device (they are on {where})")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     absorbed = any(isinstance(m, AbsorbedMLA) for m in inner.modules())
+    # a decode step of as many rows as GPU prefill's threshold streams its experts to the GPU: it runs eagerly
+    streamed = [m.streamed[1] for m in inner.modules() if isinstance(m, OffloadedMoE) and m.streamed is not None]
     inner.ktchat_engine = Engine(inner, graphs=one_gpu and cuda_graphs is not False, hybrid=arch.hybrid(inner.config),
-                                 min_cache_tokens=ABSORBED_MIN_CACHE_TOKENS if absorbed else MIN_CACHE_TOKENS)
+                                 min_cache_tokens=ABSORBED_MIN_CACHE_TOKENS if absorbed else MIN_CACHE_TOKENS,
+                                 graph_rows=min(streamed) - 1 if streamed else None)

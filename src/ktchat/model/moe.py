@@ -46,22 +46,26 @@ class CPUExperts(nn.Module, BindableExperts):
         self.backend = backend
         self._pinned: dict[str, torch.Tensor] = {}
         self._event = None
-        self._bound = None  # (BoundExperts, (x, ids, weights, out) fixed CPU buffers)
-        self._bound_tokens = 0
+        # tokens -> (BoundExperts, (x, ids, weights, out) fixed CPU buffers), or None where the backend cannot bind
+        self._bound: dict[int, tuple | None] = {}
 
     @property
     def name(self) -> str:
         return self.backend.name
 
-    def bind(self, tokens: int = 1) -> bool:
-        """Fixed buffers for steps of `tokens` tokens; False where the backend has no stream-queued task."""
-        if self._bound_tokens != tokens:
+    def bind(self, tokens: int, valid: int | None = None) -> bool:
+        """Fixed buffers for steps of `tokens` rows (made once per size), of which the experts compute the first
+        `valid` (default all); False where the backend has no stream-queued task."""
+        if tokens not in self._bound:
             spec, io, pin = self.backend.spec, self.backend.io_dtype, torch.cuda.is_available()
             bufs = tuple(torch.zeros((tokens, n), dtype=dtype, pin_memory=pin) for n, dtype in (
                 (spec.hidden_size, io), (spec.top_k, torch.int64), (spec.top_k, torch.float32), (spec.hidden_size, io)))
             bound = self.backend.bind(*bufs)
-            self._bound, self._bound_tokens = (None if bound is None else (bound, bufs)), tokens
-        return self._bound is not None
+            self._bound[tokens] = None if bound is None else (bound, bufs)
+        entry = self._bound[tokens]
+        if entry is not None:
+            entry[0].set_tokens(tokens if valid is None else valid)
+        return entry is not None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.finish(self.stage(x, topk_ids, topk_weights), x)
@@ -70,8 +74,9 @@ class CPUExperts(nn.Module, BindableExperts):
         """Starts the copies to the CPU; from CUDA they are asynchronous, so GPU work queued next overlaps."""
         x = x.to(self.backend.spec.dtype)
         topk_ids, topk_weights = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
-        if self._bound is not None and bound_tokens() == x.shape[0] == self._bound_tokens:
-            return self._stage_bound(x, topk_ids, topk_weights)
+        bound = self._bound.get(x.shape[0]) if bound_tokens() == x.shape[0] else None
+        if bound is not None:
+            return self._stage_bound(bound, x, topk_ids, topk_weights)
         if x.device.type != "cuda":
             return (x.to(_CPU), topk_ids.to(_CPU), topk_weights.to(_CPU)), None
         staged = tuple(self._buffer(name, t).copy_(t, non_blocking=True)
@@ -84,9 +89,9 @@ class CPUExperts(nn.Module, BindableExperts):
     def finish(self, staged, like: torch.Tensor) -> torch.Tensor:
         """Waits for the copies only (not for later GPU work), runs the experts, sends the result back."""
         if staged[0] is _BOUND:
-            stream = staged[1]
-            self._bound[0].wait(stream)
-            out = self._bound[1][3]  # the copy to the device first, then the cast there (a graph replays both)
+            _, stream, (bound, bufs) = staged
+            bound.wait(stream)
+            out = bufs[3]  # the copy to the device first, then the cast there (a graph replays both)
             out = out.to(like.device, non_blocking=True) if like.device.type != "cpu" else out.clone()
             return out.to(like.dtype)
         (x, ids, weights), event = staged
@@ -96,15 +101,15 @@ class CPUExperts(nn.Module, BindableExperts):
         out = self._buffer("out", x).copy_(self.backend.forward(x, ids, weights))
         return out.to(like.device, non_blocking=True).to(like.dtype)
 
-    def _stage_bound(self, x, topk_ids, topk_weights):
+    def _stage_bound(self, entry, x, topk_ids, topk_weights):
         """Copies into the fixed buffers and queues the experts behind the copies: on the current CUDA stream
         (the host waits for nothing), or at once from the CPU."""
-        bound, bufs = self._bound
+        bound, bufs = entry
         for buf, t in zip(bufs, (x, topk_ids, topk_weights)):
             buf.copy_(t.to(buf.dtype), non_blocking=True)  # converted on the device, then one plain copy
         stream = torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else None
         bound.submit(stream)
-        return _BOUND, stream
+        return _BOUND, stream, entry
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._pinned.get(name)
