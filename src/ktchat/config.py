@@ -262,7 +262,7 @@ class PredictArgs:
     save_name: str = "generated_predictions.jsonl"
     skip_special_tokens: bool = True  # when decoding prompt, predict and label
     seed: Optional[int] = None  # sampling: row i draws from a generator seeded seed + i
-    batch_size: int = 4  # rows in flight at once (one at a time until the engine batches) and rows per fsync
+    batch_size: int = 4  # rows generated at once (the engine batches them) and rows per fsync
     enable_thinking: bool = True  # LLaMA-Factory's template switch, for datasets read by its pipeline
     preprocessing_num_workers: Optional[int] = None  # LLaMA-Factory's pipeline: processes for tokenizing
 

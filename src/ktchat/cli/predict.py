@@ -14,9 +14,8 @@ FLAGS = {
                     "resumes it"),
     "--max-samples": ("max_samples", int, "N", "the first N rows only"),
     "--cutoff-len": ("cutoff_len", int, "N", "prompt tokens kept (default 2048)"),
-    "--batch-size": ("batch_size", int, "N", "hf_infer's name (default 4): rows that may generate at once, once the "
-                     "engine batches; today rows generate one at a time and this only sets how many are written per "
-                     "flush"),
+    "--batch-size": ("batch_size", int, "N", "rows generated at once, batched into the engine's steps, and written "
+                     "per fsync (hf_infer's name; default 4)"),
 }
 
 

@@ -1,12 +1,14 @@
 """`ktchat predict`: a reply for every row of a dataset, written to LLaMA-Factory's generated_predictions.jsonl.
 
 The output is what LLaMA-Factory's scripts/hf_infer.py and vllm_infer.py write (one JSON object a line: prompt,
-predict, label; scripts/eval_bleu_rouge.py scores it), in dataset order, each row flushed and fsync'd as it completes
-(`batch_size` rows at a time). A rerun with the same save_name resumes: the rows already there must be the first rows
-of this run (same prompt, same label; else one error naming the file and the row, before the model loads), a line
-cut short by a kill is written again, and generation continues after them. Each row is generated on its own (no cache
-kept from the row before) and, when sampling with a seed, from its own generator (seed + row index), so a resumed run
-writes the rows an uninterrupted one would.
+predict, label; scripts/eval_bleu_rouge.py scores it), in dataset order, flushed and fsync'd every `batch_size` rows.
+`batch_size` rows generate at once, batched into the engine's steps (run_all). A rerun with the same save_name
+resumes: the rows already there must be the first rows of this run (same prompt, same label; else one error naming
+the file and the row, before the model loads), a line cut short by a kill is written again, and generation continues
+after them. No cache is kept from one row to the next, a sampled row draws from its own generator (seed + row
+index), and with fp32 experts a batched reply is the row's reply alone (tests/test_batching.py), so a resumed run
+writes the rows an uninterrupted one would; in bf16 a routing near-tie may round either way depending on the batch
+around a row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +38,22 @@ class Request:
 
 
 def run_all(engine, requests: Iterable[Request], on_done: Callable[[Request, object], None], batch_size: int) -> None:
-    """Generates every request on `engine`, calling on_done(request, Generation) as each one finishes. The seam
-    between predict and the engine: once the engine batches, up to `batch_size` requests run at once here and finish
-    in any order; today it runs one sequence at a time, so they go one by one."""
-    for request in requests:
-        on_done(request, engine.generate(request.prompt, request.params))
+    """Generates every request on `engine`, `batch_size` at a time (the engine batches them into its steps), calling
+    on_done(request, Generation) on this thread as each one finishes, in any order; a finished one makes room for the
+    next. Whatever ends it early (an error, Ctrl+C) cancels the ones still in flight."""
+    finished: queue.Queue = queue.Queue()
+    waiting, in_flight = iter(requests), {}
+    try:
+        while True:
+            while len(in_flight) < batch_size and (request := next(waiting, None)) is not None:
+                in_flight[engine.submit(request.prompt, request.params, on_end=finished.put)] = request
+            if not in_flight:
+                return
+            sequence = finished.get()
+            on_done(in_flight.pop(sequence), sequence.wait())
+    finally:
+        for sequence in in_flight:
+            engine.cancel(sequence)
 
 
 class Predictions:
@@ -162,7 +176,7 @@ def predict(config: ChatConfig) -> Path:
         return out.path
     model, _ = load_model(plan)
     engine = engine_of(model)
-    engine.keep(0)  # each row computed whole: its tokens never depend on the row before it
+    engine.keep(0, max_batch=args.batch_size)  # each row computed whole: no cache kept from the rows before it
     _generate(engine, rows, out, config)
     return out.path
 
