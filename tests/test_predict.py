@@ -146,6 +146,35 @@ def test_a_complete_file_is_left_as_it_is_and_nothing_loads(tiny, tmp_path, chec
     assert "holds all 1 rows already: nothing to generate" in caplog.text
 
 
+def test_run_all_keeps_batch_size_rows_in_flight_and_cancels_them_when_stopped(tiny, monkeypatch):
+    """The seam to the engine: batch_size sequences at once, a finished one making room for the next, and those still
+    in flight cancelled when the caller stops (an error in on_done here, Ctrl+C for a user)."""
+    from ktchat.engine import SamplingParams
+    from ktchat.generate.predict import Request, run_all
+    from ktchat.model import engine_of, load_model
+
+    model, _ = load_model(tiny.model, tiny.adapter, experts_backend="torch", dtype="float32", device="cpu")
+    engine = engine_of(model)
+    engine.keep(0, max_batch=3)
+    submitted, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1])
+    budgets = [4, 6, 8, 400, 400, 400, 400]  # no stop ids: each reply runs to its budget
+    requests = [Request(i, [1, 4, 100 + i, 2, 5], SamplingParams(max_new_tokens=n)) for i, n in enumerate(budgets)]
+    busy = []
+
+    def on_done(request, generation):
+        busy.append(engine.stats()["running"] + engine.stats()["waiting"])
+        if len(busy) == 3:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_all(engine, requests, on_done, batch_size=3)
+    assert len(submitted) == 5 and 2 <= max(busy) <= 3, (len(submitted), busy)  # rows 5 and 6 never went in
+    ended = [s.wait(timeout=60) for s in submitted]
+    assert [g.finish_reason for g in ended] == ["length"] * 3 + ["cancelled"] * 2
+    assert all(len(g.tokens) < 400 for g in ended[3:])
+
+
 # Untrained questions: replies run to max_new_tokens (a run lasts long enough to be killed) and sampling varies them.
 OPEN_ROWS = [{"instruction": f"Tell me a story about the number {i}.", "output": f"story {i}"} for i in range(14)]
 
@@ -180,16 +209,16 @@ def _run_until_lines(command: list[str], path: Path, lines: int, log: Path, time
 
 
 def test_a_killed_run_resumes_without_duplicated_or_lost_rows(tiny, tmp_path):
-    """The real `ktchat predict`, killed once two rows are written and run again, writes the file an uninterrupted run
-    writes: every row once, in order."""
+    """The real `ktchat predict` (4 rows at once), killed once rows are written and run again, writes the file an
+    uninterrupted run writes, one row at a time: every row once, in order."""
     dataset = write_jsonl(tmp_path / "rows.jsonl", OPEN_ROWS)
     config = write_config(tmp_path, tiny, dataset=str(dataset), max_new_tokens=32)
     killed, whole = tmp_path / "killed.jsonl", tmp_path / "whole.jsonl"
-    command = [str(KTCHAT), "predict", str(config), "--batch-size", "1", "--save-name"]
+    command = [str(KTCHAT), "predict", str(config), "--save-name"]
     _run_until_lines(command + [str(killed)], killed, 2, tmp_path / "killed.log")
     assert 2 <= killed.read_bytes().count(b"\n") < len(OPEN_ROWS), "the run ended before it was killed"
-    runs = [subprocess.run(command + [str(save)], capture_output=True, text=True, env={**os.environ, **ENV},
-                           timeout=600) for save in (killed, whole)]
+    runs = [subprocess.run(command + [str(save), *flags], capture_output=True, text=True, env={**os.environ, **ENV},
+                           timeout=600) for save, flags in ((killed, ()), (whole, ("--batch-size", "1")))]
     assert all(run.returncode == 0 for run in runs), [run.stderr[-3000:] for run in runs]
     assert re.search(r"rows generated \(.*\), after the \d+ a previous run wrote", runs[0].stderr), runs[0].stderr
     assert killed.read_bytes() == whole.read_bytes()
