@@ -229,9 +229,10 @@ def test_a_killed_run_resumes_without_duplicated_or_lost_rows(tiny, tmp_path):
 # A LLaMA-Factory dataset by name (.venv-lf)
 
 
-def hf_infer_rows(model: Path, adapter: Path, data: Path, template, max_samples=None) -> tuple:
-    """LLaMA-Factory's tokenizer, and (input_ids, label ids) per row, built as LLaMA-Factory's scripts/hf_infer.py builds them (its worker count
-    aside: preprocessing_num_workers decides how many processes tokenize, not what they produce)."""
+def hf_infer_rows(model: Path, adapter: Path, data: Path, template) -> tuple:
+    """LLaMA-Factory's tokenizer, and (input_ids, label ids) per row, built as LLaMA-Factory's scripts/hf_infer.py
+    builds them (its worker count aside: preprocessing_num_workers decides how many processes tokenize, not what
+    they produce)."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.hparams import get_infer_args
@@ -240,7 +241,7 @@ def hf_infer_rows(model: Path, adapter: Path, data: Path, template, max_samples=
 
     model_args, data_args, _, _ = get_infer_args(dict(
         model_name_or_path=str(model), adapter_name_or_path=str(adapter), dataset="tiny_qa", dataset_dir=str(data),
-        template=template, cutoff_len=2048, max_samples=max_samples, preprocessing_num_workers=None,
+        template=template, cutoff_len=2048, max_samples=None, preprocessing_num_workers=None,
         default_system=None, enable_thinking=True, temperature=0.95, top_p=0.7, top_k=50,
         max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=1.0))
     tokenizer_module = load_tokenizer(model_args)

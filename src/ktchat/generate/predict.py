@@ -20,12 +20,15 @@ import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from ..config import ChatConfig
 from ..errors import KTChatError
 from .prompts import check_template
 from .rows import Row, Rows, open_dataset
+
+if TYPE_CHECKING:
+    from ..engine import Generation, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +37,11 @@ logger = logging.getLogger(__name__)
 class Request:
     index: int  # the row's index in the dataset
     prompt: list[int]
-    params: object  # ktchat.engine.SamplingParams
+    params: "SamplingParams"
 
 
-def run_all(engine, requests: Iterable[Request], on_done: Callable[[Request, object], None], batch_size: int) -> None:
+def run_all(engine, requests: Iterable[Request], on_done: Callable[[Request, "Generation"], None],
+            batch_size: int) -> None:
     """Generates every request on `engine`, `batch_size` at a time (the engine batches them into its steps), calling
     on_done(request, Generation) on this thread as each one finishes, in any order; a finished one makes room for the
     next. Whatever ends it early (an error, Ctrl+C) cancels the ones still in flight."""
@@ -80,7 +84,7 @@ class Predictions:
         for index, line in enumerate(lines):
             self._check(index, line)
         if len(complete) < len(data):
-            logger.info("%s: its last line was cut short (a run was stopped while writing it): written again", self.path)
+            logger.info("%s: its last line was cut short (a run stopped while writing it): written again", self.path)
         return len(lines), len(complete)
 
     def _check(self, index: int, line: bytes) -> None:
@@ -188,7 +192,7 @@ def _generate(engine, rows: Rows, out: Predictions, config: ChatConfig) -> None:
                 for i in range(out.done, len(rows.rows)))
 
     with out, Progress(len(rows.rows), out.done, out.path) as progress:
-        def on_done(request: Request, generation) -> None:
+        def on_done(request: Request, generation: "Generation") -> None:
             out.add(request.index, rows.decode(generation.tokens))
             progress.row_done(len(generation.tokens))
 
