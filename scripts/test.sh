@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite under transformers 5.x (.venv) and transformers 4.57 (.venv-tf4), then
-# tests/test_llamafactory.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), and it, the KT-environment tests and the
-# webchat browser test under llamafactory-kt with the KT forks (.venv-lfkt), installing the environments first if
-# needed. Extra arguments go to pytest.
+# tests/test_llamafactory.py and tests/test_predict.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), and
+# tests/test_llamafactory.py, the KT-environment tests and the webchat browser test under llamafactory-kt with the KT
+# forks (.venv-lfkt), installing the environments first if needed. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh .venv requirements/tf5.txt
@@ -15,9 +15,10 @@ for venv in .venv .venv-tf4; do
   echo "== pytest under $("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"
   "$venv/bin/python" -m pytest "$@" || status=$?
 done
-# The real llamafactory-cli chat/api on the tiny model that the .venv run above has built (.cache/tiny).
-echo "== pytest tests/test_llamafactory.py under LLaMA-Factory $(.venv-lf/bin/python -c 'import importlib.metadata as m; print(m.version("llamafactory"), "+ transformers", m.version("transformers"))')"
-.venv-lf/bin/python -m pytest tests/test_llamafactory.py "$@" || status=$?
+# The real llamafactory-cli chat/api, and `ktchat predict` on LLaMA-Factory's own dataset pipeline, on the tiny model
+# that the .venv run above has built (.cache/tiny).
+echo "== pytest tests/test_llamafactory.py tests/test_predict.py under LLaMA-Factory $(.venv-lf/bin/python -c 'import importlib.metadata as m; print(m.version("llamafactory"), "+ transformers", m.version("transformers"))')"
+.venv-lf/bin/python -m pytest tests/test_llamafactory.py tests/test_predict.py "$@" || status=$?
 echo "== pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py under $(.venv-lfkt/bin/python -c 'import importlib.metadata as m; print("llamafactory-kt", m.version("llamafactory-kt"), "+ transformers-kt", m.version("transformers-kt"))')"
 .venv-lfkt/bin/python -m pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py "$@" \
   || status=$?

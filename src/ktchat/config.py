@@ -41,13 +41,13 @@ _IGNORED_GROUPS = {
     "only used in training": (
         "stage do_train do_eval do_predict finetuning_type lora_dropout lora_target additional_target "
         "loraplus_lr_ratio pissa_init pissa_iter pissa_convert create_new_adapter freeze_trainable_layers "
-        "freeze_trainable_modules freeze_extra_modules dataset eval_dataset dataset_dir cutoff_len max_samples "
-        "overwrite_cache preprocessing_num_workers dataloader_num_workers packing neat_packing train_on_prompt "
+        "freeze_trainable_modules freeze_extra_modules eval_dataset "
+        "overwrite_cache dataloader_num_workers packing neat_packing train_on_prompt "
         "mask_history val_size tokenized_path output_dir overwrite_output_dir logging_steps save_steps "
         "save_strategy save_total_limit save_only_model plot_loss report_to run_name "
         "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps learning_rate "
         "num_train_epochs max_steps lr_scheduler_type warmup_ratio warmup_steps weight_decay max_grad_norm optim "
-        "bf16 fp16 pure_bf16 ddp_timeout deepspeed resume_from_checkpoint eval_strategy eval_steps seed "
+        "bf16 fp16 pure_bf16 ddp_timeout deepspeed resume_from_checkpoint eval_strategy eval_steps "
         "gradient_checkpointing disable_gradient_checkpointing moe_aux_loss_coef upcast_layernorm "
         "upcast_lmhead_output use_unsloth use_unsloth_gc enable_liger_kernel train_from_scratch"
     ),
@@ -72,7 +72,6 @@ _IGNORED_GROUPS = {
     "ktchat decodes one beam, bounded by max_new_tokens": "num_beams max_length length_penalty",
     "special tokens are always removed from replies": "skip_special_tokens",
 }
-IGNORED_KEYS = {key: reason for reason, keys in _IGNORED_GROUPS.items() for key in keys.split()}
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -252,13 +251,52 @@ class GenerationArgs:
 
 
 @dataclass(frozen=True)
+class PredictArgs:
+    """`ktchat predict`'s dataset and output settings: names and defaults as LLaMA-Factory's scripts/hf_infer.py takes
+    them (dataset has no default there worth keeping: alpaca_en_demo exists only in LLaMA-Factory's own checkout)."""
+
+    dataset: str  # a name in dataset_dir/dataset_info.json (LLaMA-Factory's pipeline), or a .jsonl / .json file
+    dataset_dir: str = "data"
+    cutoff_len: int = 2048  # prompt tokens kept (LLaMA-Factory shares it with the label on its pipeline)
+    max_samples: Optional[int] = None  # the first N rows; None: all
+    save_name: str = "generated_predictions.jsonl"
+    skip_special_tokens: bool = True  # when decoding prompt, predict and label
+    seed: Optional[int] = None  # sampling: row i draws from a generator seeded seed + i
+    batch_size: int = 4  # rows generated at once (the engine batches them) and rows per fsync
+    enable_thinking: bool = True  # LLaMA-Factory's template switch, for datasets read by its pipeline
+    preprocessing_num_workers: Optional[int] = None  # LLaMA-Factory's pipeline: processes for tokenizing
+
+    def __post_init__(self):
+        _check_str("dataset", self.dataset, optional=False)
+        _check_str("dataset_dir", self.dataset_dir, optional=False)
+        _check_int("cutoff_len", self.cutoff_len, minimum=1)
+        _check_int("max_samples", self.max_samples, minimum=1, optional=True)
+        _check_str("save_name", self.save_name, optional=False)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_int("seed", self.seed, minimum=0, optional=True)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_bool("enable_thinking", self.enable_thinking)
+        _check_int("preprocessing_num_workers", self.preprocessing_num_workers, minimum=1, optional=True)
+
+
+# Every key PredictArgs reads is accepted by the other commands too (one YAML for chat and predict), and ignored there:
+# with the reason of its group above where it has one (what chat does instead), else this one.
+IGNORED_KEYS = {
+    **{f.name: "only used by `ktchat predict` and in training" for f in fields(PredictArgs)},
+    **{key: reason for reason, keys in _IGNORED_GROUPS.items() for key in keys.split()},
+}
+
+
+@dataclass(frozen=True)
 class ChatConfig:
     model: ModelArgs
     generation: GenerationArgs = field(default_factory=GenerationArgs)
+    predict: Optional[PredictArgs] = None  # read only for `ktchat predict` (config_from_mapping's predict=True)
 
 
 _MODEL_KEYS = {f.name for f in fields(ModelArgs)}
 _GENERATION_KEYS = {f.name for f in fields(GenerationArgs)}
+_PREDICT_KEYS = {f.name for f in fields(PredictArgs)}
 
 
 def _resolve_aliases(raw: dict) -> dict:
@@ -291,10 +329,11 @@ def _check_unknown(keys) -> None:
     raise KTChatError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
 
 
-def _log_ignored(keys) -> None:
-    """One line per reason, so a training YAML reused for chat explains itself without flooding the log."""
+def _log_ignored(keys, read=frozenset()) -> None:
+    """One line per reason, so a training YAML reused for chat explains itself without flooding the log; `read`: keys
+    of IGNORED_KEYS this command reads after all (predict's)."""
     by_reason: dict[str, list[str]] = {}
-    for key in sorted(k for k in keys if k in IGNORED_KEYS):
+    for key in sorted(k for k in keys if k in IGNORED_KEYS and k not in read):
         by_reason.setdefault(IGNORED_KEYS[key], []).append(key)
     for reason, names in by_reason.items():
         logger.info("ignored: %s (%s)", ", ".join(names), reason)
@@ -306,8 +345,13 @@ def _as_float(raw: dict) -> dict:
             for k, v in raw.items()}
 
 
-def config_from_mapping(raw: Mapping[str, Any]) -> ChatConfig:
-    """Build a ChatConfig from LLaMA-Factory style flat keys; errors name the key and value (no file)."""
+def _pick(flat: dict, keys: set) -> dict:
+    return {k: v for k, v in flat.items() if k in keys}
+
+
+def config_from_mapping(raw: Mapping[str, Any], *, predict: bool = False) -> ChatConfig:
+    """Build a ChatConfig from LLaMA-Factory style flat keys; errors name the key and value (no file). With predict,
+    PredictArgs' keys are read (dataset required) instead of ignored."""
     if not isinstance(raw, Mapping):
         raise KTChatError(f"settings must be a mapping of key: value (got {type(raw).__name__})")
     bad = [k for k in raw if not isinstance(k, str)]
@@ -317,10 +361,12 @@ def config_from_mapping(raw: Mapping[str, Any]) -> ChatConfig:
     flat = _as_float(_resolve_aliases(raw))
     if flat.get("model_name_or_path") is None:
         raise KTChatError("model_name_or_path is missing: set it to a local model directory or hub id")
-    _log_ignored(flat)
-    model = ModelArgs(**{k: v for k, v in flat.items() if k in _MODEL_KEYS})
-    generation = GenerationArgs(**{k: v for k, v in flat.items() if k in _GENERATION_KEYS})
-    return ChatConfig(model=model, generation=generation)
+    if predict and flat.get("dataset") is None:
+        raise KTChatError("dataset is missing: set it to a dataset name of dataset_info.json or a .jsonl file")
+    _log_ignored(flat, read=_PREDICT_KEYS if predict else frozenset())
+    return ChatConfig(model=ModelArgs(**_pick(flat, _MODEL_KEYS)),
+                      generation=GenerationArgs(**_pick(flat, _GENERATION_KEYS)),
+                      predict=PredictArgs(**_pick(flat, _PREDICT_KEYS)) if predict else None)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -339,15 +385,16 @@ def _read_yaml(path: Path) -> Any:
         raise KTChatError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
-def load_config(path, overrides: Optional[Mapping[str, Any]] = None) -> ChatConfig:
-    """Read an inference YAML; `overrides` (e.g. from `--set`) win over the file. Errors name the file."""
+def load_config(path, overrides: Optional[Mapping[str, Any]] = None, *, predict: bool = False) -> ChatConfig:
+    """Read an inference YAML; `overrides` (e.g. from `--set`) win over the file; predict: as config_from_mapping's.
+    Errors name the file."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise KTChatError(f"{path}: expected a mapping of key: value at the top level "
                           f"(got {type(raw).__name__})")
     try:
-        return config_from_mapping({**raw, **(overrides or {})})
+        return config_from_mapping({**raw, **(overrides or {})}, predict=predict)
     except KTChatError as exc:
         raise KTChatError(f"{path}: {exc}") from None
 

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from ktchat.config import ChatConfig, GenerationArgs, ModelArgs, config_from_mapping, load_config, parse_overrides
+from ktchat.config import (ChatConfig, GenerationArgs, ModelArgs, PredictArgs, config_from_mapping, load_config,
+                           parse_overrides)
 from ktchat.errors import KTChatError
 
 
@@ -210,3 +211,61 @@ def test_dataclasses_are_frozen_and_self_validating():
         args.use_kt = True
     with pytest.raises(KTChatError, match="top_p must be"):
         GenerationArgs(top_p=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `ktchat predict`'s keys: read by predict, accepted and ignored by the other commands
+
+
+PREDICT_YAML = """
+model_name_or_path: m
+dataset: alpaca_en_demo
+dataset_dir: data
+cutoff_len: 1024
+max_samples: 10
+save_name: out/preds.jsonl
+skip_special_tokens: false
+seed: 7
+batch_size: 2
+enable_thinking: false
+preprocessing_num_workers: 2
+"""
+
+
+def test_predict_reads_its_keys(tmp_path):
+    config = load_config(write(tmp_path, PREDICT_YAML), predict=True)
+    assert config.predict == PredictArgs(dataset="alpaca_en_demo", dataset_dir="data", cutoff_len=1024, max_samples=10,
+                                         save_name="out/preds.jsonl", skip_special_tokens=False, seed=7, batch_size=2,
+                                         enable_thinking=False, preprocessing_num_workers=2)
+    defaults = load_config(write(tmp_path, "model_name_or_path: m\ndataset: d.jsonl\n"), predict=True).predict
+    assert (defaults.dataset_dir, defaults.cutoff_len, defaults.save_name, defaults.batch_size, defaults.seed) == (
+        "data", 2048, "generated_predictions.jsonl", 4, None)  # hf_infer.py's defaults
+
+
+def test_chat_accepts_and_ignores_the_predict_keys(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ktchat"):
+        config = load_config(write(tmp_path, PREDICT_YAML))
+    assert config.predict is None
+    assert ("ignored: batch_size, cutoff_len, dataset, dataset_dir, max_samples, preprocessing_num_workers, save_name, "
+            "seed (only used by `ktchat predict` and in training)") in caplog.text
+    assert "ignored: skip_special_tokens (special tokens are always removed from replies)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ktchat"):
+        load_config(write(tmp_path, PREDICT_YAML), predict=True)
+    assert "ignored: " not in caplog.text
+
+
+def test_predict_needs_a_dataset(tmp_path):
+    with pytest.raises(KTChatError, match="dataset is missing: set it to a dataset name of dataset_info.json or a "):
+        load_config(write(tmp_path, "model_name_or_path: m\n"), predict=True)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("dataset", "''"), ("dataset", "[a, b]"), ("dataset_dir", "''"), ("cutoff_len", "0"), ("max_samples", "0"),
+    ("max_samples", "'all'"), ("save_name", "''"), ("skip_special_tokens", "'no'"), ("seed", "-1"), ("seed", "1.5"),
+    ("batch_size", "0"), ("enable_thinking", "1"), ("preprocessing_num_workers", "0"),
+])
+def test_bad_predict_values_name_key_and_value(tmp_path, key, value):
+    path = write(tmp_path, f"model_name_or_path: m\ndataset: d.jsonl\n{key}: {value}\n")
+    with pytest.raises(KTChatError, match=rf"^{re.escape(str(path))}: {key} must be .* \(got .*\)$"):
+        load_config(path, predict=True)

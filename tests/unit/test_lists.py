@@ -82,3 +82,15 @@ def test_one_projection_list():
     from ktchat.experts import kt_native
 
     assert adapter.PROJS is kt_weights.PROJS is kt_native.PROJS is formats.PROJS
+
+
+def test_each_predict_flag_sets_a_predict_key_of_its_type():
+    from ktchat.cli import build_parser
+    from ktchat.cli.predict import FLAGS
+    from ktchat.config import PredictArgs
+
+    types_of = {f.name: f.type for f in fields(PredictArgs)}
+    for flag, (key, kind, *_) in FLAGS.items():
+        assert key in types_of and kind.__name__ in types_of[key], (flag, key, types_of.get(key))
+        value = "7" if kind is int else "x"
+        assert getattr(build_parser().parse_args(["predict", "c.yaml", flag, value]), key) == kind(value)

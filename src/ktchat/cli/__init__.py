@@ -1,4 +1,4 @@
-"""The `ktchat` command: one module per command (chat, demo, api, and the adapter tools), each a thin layer.
+"""The `ktchat` command: one module per command (chat, demo, api, predict, and the adapter tools), each a thin layer.
 
 torch and transformers are imported only inside the commands that need them, which keeps `ktchat --help` and
 config errors instant. Every KTChatError, and every OSError (a file or folder the command cannot read or write),
@@ -15,9 +15,9 @@ import sys
 from .. import __version__
 from ..errors import KTChatError
 from ..runtime import wanted_environment
-from . import adapter, api, chat, demo
+from . import adapter, api, chat, demo, predict
 
-COMMANDS = (chat, demo, adapter, api)
+COMMANDS = (chat, demo, adapter, api, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class LFTemplate:
     """A LLaMA-Factory chat template bound to a tokenizer: prompt ids for a conversation, and its stop ids."""
 
-    name: str
+    name: Optional[str]  # None: LLaMA-Factory parsed the tokenizer's own chat template
     encode: Callable[..., list]  # encode(messages, system=None) -> prompt token ids, ending where the reply starts
     stop_token_ids: list
 
@@ -56,7 +56,11 @@ def llamafactory_template(tokenizer, name: str) -> Optional[LFTemplate]:
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
 
-    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=name))
+    return bound_template(tokenizer, get_template_and_fix_tokenizer(tokenizer, DataArguments(template=name)), name)
+
+
+def bound_template(tokenizer, template, name: Optional[str]) -> LFTemplate:
+    """LLaMA-Factory's Template object (as get_template_and_fix_tokenizer returns it) bound to `tokenizer`."""
 
     def encode(messages, system: Optional[str] = None) -> list:
         paired = list(messages) + [{"role": "assistant", "content": ""}]
@@ -73,7 +77,10 @@ def _as_list(ids) -> list[int]:
 
 
 class Prompts:
-    """How a conversation becomes prompt ids, and which ids end a reply, for one model and tokenizer."""
+    """How a conversation becomes prompt ids, and which ids end a reply, for one model and tokenizer.
+
+    `model` is read for its checkpoint's generation_config only (its eos ids end replies): the loaded model, or the
+    LoadPlan that will load it (`ktchat.model.resolve`), so prompts can be built before the weights are read."""
 
     def __init__(self, model, tokenizer, template: Optional[LFTemplate] = None, default_system: Optional[str] = None):
         if template is None and not getattr(tokenizer, "chat_template", None):
