@@ -14,6 +14,7 @@ Each variant runs in its own process (clean CPU/GPU memory peaks); the parent pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -246,7 +247,6 @@ def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
     import torch
 
     kwargs = dict(kwargs)
-    overlap = kwargs.pop("overlap", True)
     if engine.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
@@ -257,9 +257,7 @@ def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
             model = PeftModel.from_pretrained(model, str(root / "adapter"))
         return model.eval()
     from ktchat import load_model
-    from ktchat.model import moe
 
-    moe.OffloadedMoE.overlap = overlap
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     adapter = None if engine == "ktchat-base" else root / "adapter"
     return load_model(root / "model", adapter, dtype="bfloat16", **kwargs)[0]
@@ -372,7 +370,7 @@ def gpu_prefill_check(model, gen, check_tokens: int = 2048) -> dict:
     from ktchat.model import offloaded_blocks
 
     blocks = offloaded_blocks(model).values()
-    streamer, tokens = next(iter(blocks)).streamed
+    streamer, tokens = next(iter(blocks)).plan.streamed, next(iter(blocks)).plan.stream_from
     bw = max(copy_bandwidth(streamer.device, 1 << 30) for _ in range(3))
     ids = torch.randint(0, 100000, (1, check_tokens), generator=gen).cuda()
     layer = sorted(offloaded_blocks(model))[len(blocks) // 2]
@@ -381,10 +379,10 @@ def gpu_prefill_check(model, gen, check_tokens: int = 2048) -> dict:
     gpu = model(ids).logits.float()
     del streamer.forward
     for b in blocks:
-        b.streamed = (streamer, 1 << 40)  # everything on the CPU experts
+        b.plan = dataclasses.replace(b.plan, stream_from=1 << 40)  # everything on the CPU experts
     cpu = model(ids).logits.float()
     for b in blocks:
-        b.streamed = (streamer, tokens)
+        b.plan = dataclasses.replace(b.plan, stream_from=tokens)
     err = ((gpu - cpu).norm() / cpu.norm()).item()
     one = one_layer_errors(offloaded_blocks(model)[layer], streamer, seen[layer])
     return {**one, "check_layer": layer,"threshold_tokens": tokens, "pinned_copy_gbs": bw / 1e9, "expert_bytes": streamer.host_bytes,
