@@ -14,6 +14,7 @@ Each variant runs in its own process (clean CPU/GPU memory peaks); the parent pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -80,6 +81,9 @@ FAMILIES = {  # --family: (checkpoint folder, config.json, transformers package,
     "glm4_moe": ("glm45air", GLM45_AIR, "glm4_moe", GQA + MLP),
 }
 KT = {"experts_backend": "kt", "kt_method": "bf16"}
+# --skew: the score-correction bias of DeepSeek-V3 / GLM-4-MoE's routing, from +SKEW (expert 0) to -SKEW (the last):
+# random weights route near uniformly, real models do not (FIELD-NOTES); what keeping the frequent experts gains
+SKEW = 0.0
 VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix sets N kt worker threads
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),
     "kt-exact": ("ktchat", dict(KT, moe_lora="exact")),
@@ -98,9 +102,15 @@ VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix s
 
 
 def variant(name: str) -> tuple[str, dict]:
+    """A variant's engine and load_model arguments. Suffixes: ":tN" sets N kt worker threads, "@G" keeps G GiB of
+    routed experts on the GPU (gpu_experts_gib; "@auto", or "@all" for every expert)."""
+    name, _, gpu = name.partition("@")
     base, _, threads = name.partition(":t")
     engine, kwargs = VARIANTS[base]
-    return engine, dict(kwargs, num_threads=int(threads)) if threads else kwargs
+    kwargs = dict(kwargs, num_threads=int(threads)) if threads else dict(kwargs)
+    if gpu:
+        kwargs["gpu_experts_gib"] = 1e6 if gpu == "all" else gpu if gpu == "auto" else float(gpu)
+    return engine, kwargs
 
 
 def model_config(family: str, layers: int | None) -> dict:
@@ -198,6 +208,9 @@ def write_checkpoint(root: Path, family: str, layers: int, rank: int) -> Path:
     for name, shape in shapes(cfg):
         last = name.rsplit(".", 1)[-1]
         dtype = torch.float32 if last == "e_score_correction_bias" else torch.bfloat16
+        if last == "e_score_correction_bias" and SKEW:  # a router that favours the first experts, smoothly
+            shard[name], size = SKEW * torch.linspace(1, -1, shape[0]), size + 4 * shape[0]
+            continue
         t = ((torch.zeros if "bias" in last else torch.ones)(shape, dtype=dtype) if len(shape) == 1
              else (randn(*shape) * 0.02).bfloat16().cpu())
         shard[name], size = t, size + t.nbytes
@@ -246,7 +259,6 @@ def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
     import torch
 
     kwargs = dict(kwargs)
-    overlap = kwargs.pop("overlap", True)
     if engine.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
@@ -257,9 +269,7 @@ def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
             model = PeftModel.from_pretrained(model, str(root / "adapter"))
         return model.eval()
     from ktchat import load_model
-    from ktchat.model import moe
 
-    moe.OffloadedMoE.overlap = overlap
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     adapter = None if engine == "ktchat-base" else root / "adapter"
     return load_model(root / "model", adapter, dtype="bfloat16", **kwargs)[0]
@@ -329,10 +339,17 @@ def engine_figures(model) -> dict:
         engine = engine_of(model)
     except KTChatError:  # plain transformers (+ PEFT)
         return {"graph": False, "kv_cache_gib": 0.0}
+    from ktchat.model import offloaded_blocks
+
     captured = list(engine.runner._captured.values())
     cache = engine.cache
+    blocks = offloaded_blocks(model).values()
+    kept = [b.plan.resident for b in blocks if b.plan.resident is not None]
     figures = {"graph": bool(captured), "eager_reason": engine.runner.eager_reason,
-               "kv_cache_gib": cache.slots * cache.slot_bytes() / 2**30 if cache is not None else 0.0}
+               "kv_cache_gib": cache.slots * cache.slot_bytes() / 2**30 if cache is not None else 0.0,
+               "gpu_experts": sum(len(k.experts) for k in kept), "gpu_experts_gib": sum(k.nbytes for k in kept) / 2**30,
+               "gpu_experts_share": sum(len(k.experts) for k in kept) / sum(b.experts.backend.spec.num_experts
+                                                                            for b in blocks)}
     if captured:
         figures.update(decode_breakdown(engine, captured[-1]))
     return figures
@@ -372,7 +389,7 @@ def gpu_prefill_check(model, gen, check_tokens: int = 2048) -> dict:
     from ktchat.model import offloaded_blocks
 
     blocks = offloaded_blocks(model).values()
-    streamer, tokens = next(iter(blocks)).streamed
+    streamer, tokens = next(iter(blocks)).plan.streamed, next(iter(blocks)).plan.stream_from
     bw = max(copy_bandwidth(streamer.device, 1 << 30) for _ in range(3))
     ids = torch.randint(0, 100000, (1, check_tokens), generator=gen).cuda()
     layer = sorted(offloaded_blocks(model))[len(blocks) // 2]
@@ -381,10 +398,10 @@ def gpu_prefill_check(model, gen, check_tokens: int = 2048) -> dict:
     gpu = model(ids).logits.float()
     del streamer.forward
     for b in blocks:
-        b.streamed = (streamer, 1 << 40)  # everything on the CPU experts
+        b.plan = dataclasses.replace(b.plan, stream_from=1 << 40)  # everything on the CPU experts
     cpu = model(ids).logits.float()
     for b in blocks:
-        b.streamed = (streamer, tokens)
+        b.plan = dataclasses.replace(b.plan, stream_from=tokens)
     err = ((gpu - cpu).norm() / cpu.norm()).item()
     one = one_layer_errors(offloaded_blocks(model)[layer], streamer, seen[layer])
     return {**one, "check_layer": layer,"threshold_tokens": tokens, "pinned_copy_gbs": bw / 1e9, "expert_bytes": streamer.host_bytes,
@@ -482,10 +499,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the config, bandwidth and rows here")
     ap.add_argument("--resume", action="store_true", help="keep the results of variants already measured here")
     ap.add_argument("--prefill-lengths", type=int, nargs="+", help="prefill only, at these prompt lengths")
+    ap.add_argument("--skew", type=float, default=0.0, help="a skewed router (noaux families: the score-correction "
+                    "bias from +SKEW to -SKEW across the experts)")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON on stdout
     args = ap.parse_args()
     args.layers = model_config(args.family, args.layers)["num_hidden_layers"]
-    root = args.out / f"{FAMILIES[args.family][0]}-{args.layers}l-r{args.rank}"
+    global SKEW
+    SKEW = args.skew
+    root = args.out / f"{FAMILIES[args.family][0]}-{args.layers}l-r{args.rank}{f'-skew{SKEW:g}' if SKEW else ''}"
     if args.run:  # JSON to a file: kt_kernel prints to stdout at exit
         if args.prefill_lengths:
             result = run_prefill(args.run, root, args.family, args.prefill_lengths, args.repeats)
@@ -509,7 +530,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--family", args.family, "--layers", str(args.layers),
                "--rank", str(args.rank),
                "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               "--run", name] + (["--prefill-lengths", *map(str, args.prefill_lengths)] if args.prefill_lengths else [])
+               "--skew", str(args.skew), "--run", name] + (
+                   ["--prefill-lengths", *map(str, args.prefill_lengths)] if args.prefill_lengths else [])
         # Every variant runs in the process environment the ktchat command gives itself (huge pages, OpenMP).
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **wanted_environment()})
         if proc.returncode:
@@ -540,8 +562,8 @@ def report(rows: list[dict], args, bandwidth: dict[str, float]) -> None:
     by = {r["variant"]: r for r in rows}
     hf, peft = by.get("hf"), by.get("hf-peft")
     print(f"\n| variant | load s + imports s | prefill tok/s ({args.prompt}) | decode tok/s | decode ms | of floor | vs hf-peft "
-          "| GPU peak GiB (bound) | CPU peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| GPU peak GiB (bound) | CPU peak GiB | experts on the GPU (GiB, share) | floor of the CPU's share tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for r in rows:
         kt = r["variant"].startswith(("kt", "torch"))
@@ -554,9 +576,12 @@ def report(rows: list[dict], args, bandwidth: dict[str, float]) -> None:
         if "replay_ms" in r:
             notes.append(f"{r['variant']}: graph replay {r['replay_ms']:.1f} ms, of which CPU experts alone "
                          f"{r['experts_ms']:.1f} ms; generate adds {r['decode_ms'] - r['replay_ms']:.1f} ms per token")
+        share = r.get("gpu_experts_share", 0.0)
+        kept = f"{r.get('gpu_experts_gib', 0.0):.1f}, {share:.0%}" if kt else "-"
+        cpu_floor = (f"{floor[fmt] / (1 - share):.1f}" if share < 1 else "GPU only") if kt else "-"
         print(f"| {r['variant']}{' (graph)' if r.get('graph') else ''} | {load} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_ms']:.1f} | {of_floor} | {vs_peft} | "
-              f"{r['gpu_peak_gib']:.1f}{bound} | {r['cpu_peak_gib']:.1f} |")
+              f"{r['gpu_peak_gib']:.1f}{bound} | {r['cpu_peak_gib']:.1f} | {kept} | {cpu_floor} |")
     print("\n" + "\n".join(notes))
 
 

@@ -3,6 +3,8 @@ expert groups, LoRA application and routing combination the GPU runs, against th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def load_fp32(tiny, device="cpu", **kwargs):
 def count_streamed(model, monkeypatch) -> dict:
     """How many layer calls went through the streamed experts and through the CPU backends."""
     calls = {"streamed": 0, "cpu": 0}
-    streamer = next(iter(offloaded_blocks(model).values())).streamed[0]
+    streamer = next(iter(offloaded_blocks(model).values())).plan.streamed
     forward = streamer.forward
 
     def streamed(*args):
@@ -53,7 +55,7 @@ def one_expert_gib(model) -> float:
 def streamed_fp32(tiny, request):
     """GPU prefill from 2 tokens (its CPU variant on cpu), one group a layer (the default bound holds a tiny layer)."""
     model = load_fp32(tiny, request.param, gpu_prefill_tokens=2)
-    streamer = next(iter(offloaded_blocks(model).values())).streamed[0]
+    streamer = next(iter(offloaded_blocks(model).values())).plan.streamed
     assert streamer.group == streamer.num_experts
     return model
 
@@ -103,7 +105,7 @@ def test_merged_on_the_device_equals_reference(tiny, reference, prompts, device)
     streamer = StreamedExperts(bases, device, int(2 * 5 * one_expert_gib(model) * 2**30))
     assert streamer.group == 5
     for block in blocks.values():
-        block.streamed = (streamer, 2)
+        block.plan = dataclasses.replace(block.plan, streamed=streamer, stream_from=2)
     for _ in range(2):  # merged in the slot, never twice into the same weights
         for ids in prompts:
             assert rel_err(logits(model, ids), logits(reference, ids)) < FP32_BOUND
@@ -167,7 +169,7 @@ def test_kt_experts_stream_their_kept_bf16_weights(tiny, reference, chat_prompts
         pytest.skip(reason)
     kwargs = dict(experts_backend="kt", dtype="float32", device="cpu", moe_lora=moe_lora, kt_method=method)
     model = load_model(tiny.model, tiny.adapter, **kwargs)[0]
-    assert all(b.streamed is None and b.cpu_experts.backend.host_experts() is None
+    assert all(b.plan.streamed is None and b.cpu_experts.backend.host_experts() is None
                for b in offloaded_blocks(model).values())  # by default kt holds its packed copy only
     with pytest.raises(KTChatError, match="keep no host copy to stream"):
         enable_gpu_prefill(model, tokens=2)

@@ -110,6 +110,20 @@ def check_gpu_prefill_settings(tokens: Any, gib: Any) -> tuple:
     return tokens, gib
 
 
+def check_gpu_experts_settings(gib: Any, placement: Any, calibration: Any):
+    """The GPU experts settings' one rule, for the YAML and for load_model's callers: returns gib with a YAML `off`
+    (false) read as None."""
+    gib = None if gib in (False, "off") else gib
+    if gib not in (None, "auto"):
+        _check_number("gpu_experts_gib", gib, 0, low_open=True)
+    strategies = formats.GPU_EXPERT_PLACEMENTS
+    if not (placement in strategies or (isinstance(placement, str) and placement.endswith(".json"))):
+        _fail("gpu_experts_placement", placement, f"one of {', '.join(strategies)} or a path ending in .json")
+    if calibration is not None and not (isinstance(calibration, str) and Path(calibration).is_file()):
+        _fail("gpu_experts_calibration", calibration, "a file of prompts that exists (a text file, or .jsonl)")
+    return gib
+
+
 def _check_bool(key: str, value: Any, optional: bool = False) -> None:
     if not isinstance(value, bool) and not (value is None and optional):
         _fail(key, value, "true or false" + (" (or left out)" if optional else ""))
@@ -152,6 +166,12 @@ class ModelArgs:
     # experts backend shares its host copy (torch), off for kt (auto or N keeps kt's bf16 weights: more host memory)
     gpu_prefill_tokens: Any = None
     gpu_prefill_gib: Optional[float] = None  # GPU memory for the two streamed weight slots; None: 4 GiB
+    # Routed experts kept on the GPU with their LoRA (model.gpu_experts): GiB they may take, "auto" (what the GPU has
+    # free after the load, less a margin) or off; which ones (frequency, uniform, front, or a placement .json, read if
+    # it exists, else written); the prompts that count the routing for `frequency` (default: a built-in text)
+    gpu_experts_gib: Any = None
+    gpu_experts_placement: str = "frequency"
+    gpu_experts_calibration: Optional[str] = None
 
     def __post_init__(self):
         _check_str("model_name_or_path", self.model_name_or_path, optional=False)
@@ -169,6 +189,8 @@ class ModelArgs:
         _check_bool("merge_peft_lora", self.merge_peft_lora)
         _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
         self._check_gpu_prefill()
+        object.__setattr__(self, "gpu_experts_gib", check_gpu_experts_settings(
+            self.gpu_experts_gib, self.gpu_experts_placement, self.gpu_experts_calibration))
         self._check_device()
         self._check_kt()
 

@@ -13,6 +13,7 @@ PROJS = ("gate", "up", "down")  # a routed expert's projections, in kt_kernel's 
 MOE_LORA_MODES = ("exact", "merged")  # the expert LoRA unmerged as in training, or folded into the weights
 EXPORT_FORMATS = ("bf16", "base")  # a quantized base's export: dequantized (the default), or in its own format
 ADAPTER_LAYOUTS = ("peft", "kt", "sglang")  # what `ktchat convert --to` writes
+GPU_EXPERT_PLACEMENTS = ("frequency", "uniform", "front")  # which routed experts go to the GPU (or a .json placement)
 
 
 @dataclass(frozen=True)

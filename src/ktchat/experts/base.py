@@ -44,6 +44,12 @@ class HostExperts:
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.weights.values())
 
+    def subset(self, experts: list[int]) -> "HostExperts":
+        """Just these experts (in this order): their weights and LoRA, copied out."""
+        index = torch.tensor(experts, dtype=torch.long)
+        lora = {p: StackedLoRA(s.a[index], s.b[index], s.scale) for p, s in self.lora.items()}
+        return HostExperts({p: w[index] for p, w in self.weights.items()}, lora, self.merge)
+
 
 _HUGE_PAGE = 2 << 20
 
@@ -80,6 +86,7 @@ class ExpertsBackend(ABC):
         self._loaded: set[tuple[str, int]] = set()
         self.lora: dict[str, StackedLoRA] = {}
         self.prepared = False
+        self.resident = torch.zeros(spec.num_experts, dtype=torch.bool)  # experts computed on the GPU instead
 
     def load_weight(self, proj: str, expert: int, tensor: torch.Tensor, source: str) -> None:
         """Takes one expert projection straight from the checkpoint; `source` names it in errors."""
@@ -171,6 +178,20 @@ class ExpertsBackend(ABC):
         """The weights this backend keeps on the host, for computing the experts elsewhere (GPU prefill); None
         where it keeps only a packed copy of its own."""
         return None
+
+    def gpu_copy(self, experts: list[int]) -> HostExperts:
+        """These experts as this backend computes them (its weights, or their exact dequantization) with their
+        LoRA: what a copy kept on the GPU runs. Raises, naming the layer, where the backend kept no such copy."""
+        host = self.host_experts()
+        if host is None:
+            raise KTChatError(f"layer {self.spec.layer_idx}: the {self.name} experts keep no copy of their weights "
+                              "to put on the GPU (load them with gpu_experts_gib set, which keeps one)")
+        return host.subset(experts)
+
+    def set_resident(self, mask: torch.Tensor) -> None:
+        """The experts computed elsewhere from now on (mask [E], True: on the GPU): this backend leaves them out.
+        The caller also zeroes their routing weights, so a kernel that ignores the mask still adds nothing."""
+        self.resident = mask.to("cpu", torch.bool).clone()
 
     @property
     def io_dtype(self) -> torch.dtype:

@@ -251,6 +251,23 @@ class KTExperts(ExpertsBackend):
             return None
         return HostExperts(self.base, dict(self._pending), merge=self.moe_lora == "merged")
 
+    def gpu_copy(self, experts):
+        """Native fp8 / int4 / KT INT8 bytes: those experts dequantized exactly, one at a time."""
+        if self.base is not None or not self._runs_native:
+            return super().gpu_copy(experts)
+        weights = {p: torch.stack([self.native.weights[p][e].dequantize(torch.float32) for e in experts])
+                   .to(torch.bfloat16) for p in PROJS}
+        host = HostExperts(weights, dict(self._pending), merge=self.moe_lora == "merged")
+        return HostExperts(weights, host.subset(experts).lora, host.merge)
+
+    def set_resident(self, mask):
+        super().set_resident(mask)
+        self._gpu_mask.copy_(self.resident)  # the kernel reads it at every call: those experts are skipped
+
+    def release_host_copy(self) -> None:
+        """Drops the bf16 copy kept for the GPU (the kernel's packed copy stays)."""
+        self.base = None
+
     def _set_lora(self, lora: dict[str, StackedLoRA]) -> None:
         self._pending = {p: s for p, s in lora.items() if s.a.shape[1] > 0}
         if not self.prepared:
@@ -320,6 +337,7 @@ class KTExperts(ExpertsBackend):
         cfg.max_len = -(-self.chunk_size // _M_STEP) * _M_STEP
         cfg.layer_idx = spec.layer_idx
         cfg.physical_to_logical_map = self._p2l.data_ptr()
+        cfg.gpu_experts_mask = self._gpu_mask.data_ptr()  # experts kept on the GPU: skipped here (set_resident)
         if self._runs_native:
             self.native.configure(cfg, stacked=self.method == "rawint4")  # the K2 SFT kernel takes stacked tensors
         else:

@@ -84,6 +84,8 @@ class TorchExperts(ExpertsBackend):
         self.prepare()
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         for expert in torch.unique(topk_ids).tolist():
+            if self.resident[expert]:
+                continue  # computed on the GPU
             token, slot = torch.nonzero(topk_ids == expert, as_tuple=True)
             xe = x[token]
             h = F.silu(self._project("gate", expert, xe)) * self._project("up", expert, xe)

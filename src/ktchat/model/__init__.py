@@ -54,6 +54,7 @@ def load_model(model_name_or_path, adapter_name_or_path=None, *args, **kwargs):
     off for kt) runs the routed experts of prompts from N tokens on the GPU, streamed within gpu_prefill_gib
     (ktchat.model.moe.enable_gpu_prefill); "auto" or N with kt keeps kt's bf16 weights: a second host copy.
     """
+    from .gpu_experts import place as place_gpu_experts
     from .moe import wire_gpu_prefill
 
     start = time.perf_counter()
@@ -61,6 +62,7 @@ def load_model(model_name_or_path, adapter_name_or_path=None, *args, **kwargs):
     tokenizer = read_tokenizer(plan.model_dir, plan.trust_remote_code)
     phases = _Phases(start)
     model, blocks, placement = _assemble(plan, phases)
+    place_gpu_experts(model, tokenizer, *plan.gpu_experts, keep_host=plan.gpu_prefill[0] not in (None, "off"))
     wire_gpu_prefill(model, *plan.gpu_prefill)
     _attach_engine(model, plan.arch, plan.cuda_graphs)
     _log_loaded(plan, blocks, placement, phases, time.perf_counter() - start)
@@ -162,7 +164,8 @@ def _attach_engine(model, arch: MoEArch, cuda_graphs: bool | None) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     absorbed = any(isinstance(m, AbsorbedMLA) for m in inner.modules())
     # a decode step of as many rows as GPU prefill's threshold streams its experts to the GPU: it runs eagerly
-    streamed = [m.streamed[1] for m in inner.modules() if isinstance(m, OffloadedMoE) and m.streamed is not None]
+    streamed = [m.plan.stream_from for m in inner.modules() if isinstance(m, OffloadedMoE)
+                and m.plan.streamed is not None]
     inner.ktchat_engine = Engine(inner, graphs=one_gpu and cuda_graphs is not False, hybrid=arch.hybrid(inner.config),
                                  min_cache_tokens=ABSORBED_MIN_CACHE_TOKENS if absorbed else MIN_CACHE_TOKENS,
                                  graph_rows=min(streamed) - 1 if streamed else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -125,16 +126,24 @@ class CPUExperts(nn.Module, BindableExperts):
 _BOUND = object()  # marks a step staged on the bound buffers
 
 
+@dataclass(frozen=True)
+class MoEPlan:
+    """How an OffloadedMoE computes its routed experts. load_model's wiring sets it (GPU prefill, experts kept on the
+    GPU, a calibration pass counting the routing); nothing toggles a block's behaviour otherwise."""
+
+    streamed: object = None  # experts.gpu_prefill.StreamedExperts: steps of `stream_from` tokens or more run there
+    stream_from: int = 0
+    resident: object = None  # experts.resident.ResidentExperts: this layer's experts kept on the GPU
+    routed: torch.Tensor | None = None  # [E] counts: each routed (token, k) pair adds one to its expert
+
+
 class OffloadedMoE(nn.Module):
     """router -> top-k -> CPU experts, plus shared experts (optionally sigmoid-gated); keeps the family's submodule
     names (from its `MoEArch`), so checkpoint and adapter names apply unchanged.
 
-    With `overlap` (the default), the shared experts are queued on the GPU after the copies to the CPU, so
-    they run while the CPU computes the routed experts.
+    The CPU experts start first (their inputs copied to the CPU asynchronously); the experts kept on the GPU and the
+    shared experts are queued on the GPU while the CPU computes; the outputs are summed once the CPU is done.
     """
-
-    overlap = True
-    streamed = None  # (StreamedExperts, tokens): prompts of at least `tokens` run the routed experts there
 
     def __init__(self, layer_idx: int, arch, config, router: Router, experts: CPUExperts,
                  shared_experts: nn.Module | None = None, shared_gate: nn.Module | None = None,
@@ -148,6 +157,7 @@ class OffloadedMoE(nn.Module):
         self._route = arch.route
         self._config = config
         self.return_router_logits = return_router_logits  # transformers 4.x Mixtral/Qwen layers unpack a tuple
+        self.plan = MoEPlan()
 
     @property
     def router(self) -> nn.Module:
@@ -164,22 +174,26 @@ class OffloadedMoE(nn.Module):
         logits = router(x.float())
         base = router.get_base_layer() if hasattr(router, "get_base_layer") else router  # PEFT may wrap it
         weights, ids = self._route(logits, base, self._config)
+        if self.plan.routed is not None:
+            self.plan.routed.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=ids.device))
         out = self._experts_and_shared(x, ids, weights).view(shape)
         return (out, logits) if self.return_router_logits else out
 
     def _experts_and_shared(self, x, ids, weights):
-        experts = self.cpu_experts
-        shared = self._modules.get(self._names[2])
-        if self.streamed is not None and x.shape[0] >= self.streamed[1] and x.device == self.streamed[0].device:
-            routed = self.streamed[0].forward(self.layer_idx, x, ids, weights)
+        plan, experts, shared = self.plan, self.cpu_experts, self._modules.get(self._names[2])
+        if plan.streamed is not None and x.shape[0] >= plan.stream_from and x.device == plan.streamed.device:
+            routed = plan.streamed.forward(self.layer_idx, x, ids, weights)
             return routed if shared is None else routed + self._shared(shared, x)
-        if shared is None:
-            return experts(x, ids, weights)
-        if self.overlap:
-            staged = experts.stage(x, ids, weights)
-            shared_out = self._shared(shared, x)  # queued on the GPU before finish() waits for the CPU
-            return experts.finish(staged, x) + shared_out
-        return experts(x, ids, weights) + self._shared(shared, x)
+        resident = plan.resident
+        cpu_weights = weights if resident is None else weights.masked_fill(resident.mask[ids], 0.0)
+        staged = experts.stage(x, ids, cpu_weights)  # the CPU first; what follows is queued while it computes
+        on_gpu = [resident.forward(x, ids, weights)] if resident is not None else []
+        if shared is not None:
+            on_gpu.append(self._shared(shared, x))
+        out = experts.finish(staged, x)
+        for part in on_gpu:
+            out = out + part
+        return out
 
     def _shared(self, shared: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = shared(x)
@@ -224,7 +238,7 @@ def enable_gpu_prefill(model: nn.Module, tokens="auto", gib: float = GPU_PREFILL
         logger.info("GPU prefill from %d tokens: a layer's experts copy in %.1f ms (%.1f GB/s pinned); the CPU "
                     "computes a token of a layer in %.3f ms", tokens, 1e3 * layer / bw, bw / 1e9, 1e3 * cpu)
     for block in blocks.values():
-        block.streamed = (streamer, tokens)
+        block.plan = replace(block.plan, streamed=streamer, stream_from=tokens)
     logger.info("GPU prefill: %s; prompts of %d tokens or more", streamer.describe(), tokens)
     return streamer
 

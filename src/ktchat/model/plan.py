@@ -20,7 +20,7 @@ import torch
 
 from ..adapter import read_adapter
 from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
-from ..config import ModelArgs
+from ..config import ModelArgs, check_gpu_experts_settings
 from ..errors import KTChatError
 from ..experts import ExpertsChoice, choose_experts
 from . import expert_format
@@ -56,6 +56,9 @@ class LoadSettings:
     cuda_graphs: bool | None = None
     gpu_prefill_tokens: int | str | None = None
     gpu_prefill_gib: float | None = None
+    gpu_experts_gib: float | str | None = None
+    gpu_experts_placement: str = "frequency"
+    gpu_experts_calibration: Any = None
 
     @classmethod
     def of(cls, args: ModelArgs) -> LoadSettings:
@@ -78,6 +81,7 @@ class LoadPlan:
     devices: tuple  # (device, device_map), placement.check_devices'
     cuda_graphs: bool | None
     gpu_prefill: tuple  # (tokens, gib), moe.check_gpu_prefill's
+    gpu_experts: tuple  # (gib or "auto" or None: off, placement, calibration prompts path or None)
     merge_peft_lora: bool = False
     trust_remote_code: bool = False
 
@@ -87,6 +91,11 @@ def resolve(settings: LoadSettings | ModelArgs) -> LoadPlan:
     s = settings if isinstance(settings, LoadSettings) else LoadSettings.of(settings)
     devices = check_devices(s.device, s.device_map, s.cuda_graphs)
     gpu_prefill = check_gpu_prefill(s.gpu_prefill_tokens, s.gpu_prefill_gib, s.device)
+    gpu_experts = (check_gpu_experts_settings(s.gpu_experts_gib, s.gpu_experts_placement, s.gpu_experts_calibration),
+                   s.gpu_experts_placement, Path(s.gpu_experts_calibration) if s.gpu_experts_calibration else None)
+    if gpu_experts[0] == "auto" and devices[0] is not None and torch.device(devices[0]).type != "cuda":
+        raise KTChatError(f"gpu_experts_gib: auto reads the GPU's free memory, but the model goes to {devices[0]} "
+                          "(give a number of GiB, or leave it out)")
     model_dir = _local_dir(s.model_name_or_path, "model_name_or_path")
     adapter_dir = _local_dir(s.adapter_name_or_path, "adapter_name_or_path") if s.adapter_name_or_path else None
     _check_json_files(model_dir)
@@ -101,11 +110,11 @@ def resolve(settings: LoadSettings | ModelArgs) -> LoadPlan:
     method = expert_format.method_for(adapter, model_dir, s.kt_method)
     expert_format.check_scheme(method, config, model_dir)
     experts = choose_experts(s.experts_backend, moe_lora=s.moe_lora, kt_method=method, num_threads=s.num_threads,
-                             keep_host_weights=gpu_prefill[0] not in (None, "off"),
+                             keep_host_weights=gpu_prefill[0] not in (None, "off") or gpu_experts[0] is not None,
                              adapters_method=s.kt_method is None)
     return LoadPlan(model_dir, config, arch, dtype, generation_config, adapter, experts,
                     expert_format.int8_root(method, adapter, s.kt_weight_path), devices, s.cuda_graphs, gpu_prefill,
-                    s.merge_peft_lora, s.trust_remote_code)
+                    gpu_experts, s.merge_peft_lora, s.trust_remote_code)
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
