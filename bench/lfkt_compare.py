@@ -7,7 +7,7 @@ from the same inference YAML (`use_kt: true`, the tiny PEFT adapter as training 
 KTCHAT_LLAMAFACTORY_HOOK=0 (llamafactory-kt's own path) or 1 (ktchat: its defaults, kt_kernel's bf16 experts; and
 fp32 with the torch experts backend), in --python (the KT environment), under a wall-clock limit so that a hang is
 recorded as one. The YAML sets `low_cpu_mem_usage: false`: LLaMA-Factory then passes no device_map, so kt_kernel's
-`prepare_kt_non_expert_device_map` does not refuse a machine without a GPU (ktchat logs the key as ignored). The reference is built by this interpreter's transformers (run it from .venv: transformers-kt 5.6
+`prepare_kt_non_expert_device_map` does not refuse a machine without a GPU (ktchat's loader does not use the key). The reference is built by this interpreter's transformers (run it from .venv: transformers-kt 5.6
 does not fuse Qwen3.5-MoE's per-expert checkpoint keys, so its reference would miss the experts). It reports whether the model loaded (or the error's last line), the relative L2 error of the
 logits of the trained chat prompts against the fp32 hand-merged reference (tests/reference.py, built here in plain
 transformers), the greedy tokens against the reference's (up to its end of sequence), and the median ms per generated token of 32 greedy tokens
