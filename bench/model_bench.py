@@ -82,7 +82,7 @@ FAMILIES = {  # --family: (checkpoint folder, config.json, transformers package,
 }
 KT = {"experts_backend": "kt", "kt_method": "bf16"}
 # --skew: the score-correction bias of DeepSeek-V3 / GLM-4-MoE's routing, from +SKEW (expert 0) to -SKEW (the last):
-# random weights route near uniformly, real models do not (FIELD-NOTES); what keeping the frequent experts gains
+# random weights route near uniformly, real models do not (docs/gpu-experts.md); what keeping the frequent experts gains
 SKEW = 0.0
 VARIANTS = {  # name -> (engine, load_model keyword arguments); a ":tN" suffix sets N kt worker threads
     "hf": ("hf", {}), "hf-peft": ("hf-peft", {}),

@@ -119,7 +119,7 @@ def test_bf16_judge_rejects_expert_lora_at_twice_its_scale(tiny, bf16_judged):
 
 @pytest.mark.skipif(
     not transformers.__version__.startswith("4."),
-    reason="PEFT is exact on these adapters only under transformers 4.x (see FIELD-NOTES); run in .venv-tf4",
+    reason="PEFT is exact on these adapters only under transformers 4.x (docs/precision.md); run in .venv-tf4",
 )
 def test_reference_agrees_with_peft_under_transformers_4(tiny, reference, prompts):
     from peft import PeftModel

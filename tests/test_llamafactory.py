@@ -293,7 +293,7 @@ def test_llamafactory_cli_chat_answers_through_ktchat(lf_config):
     assert "ignored: chunk_size, kt_optimize_rule" in out.stderr
 
 
-# The families KT users train (FIELD-NOTES, "Where KT fine-tuning is now"), through the real llamafactory-cli.
+# The families KT users train (those LLaMA-Factory's KT fine-tuning supports), through the real llamafactory-cli.
 CLI_FAMILIES = ("deepseek_v2", "qwen3_moe", "qwen3_5_moe_text", "qwen3_5_moe")
 
 

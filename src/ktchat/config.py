@@ -148,7 +148,7 @@ class ModelArgs:
 
     model_name_or_path: str
     adapter_name_or_path: Optional[str] = None
-    template: Optional[str] = None  # remembered for the LLaMA-Factory hook; chat uses the tokenizer's template
+    template: Optional[str] = None  # LLaMA-Factory's template by this name where it is installed, else the tokenizer's
     infer_backend: str = "huggingface"
     use_kt: bool = False
     trust_remote_code: bool = False

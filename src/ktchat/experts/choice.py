@@ -1,8 +1,8 @@
 """Which backend runs the routed experts, in which LoRA mode and weight format: decided here once, said once.
 
 "auto" takes kt where one of its kernels for the weight format runs on this CPU, else torch; a format other than
-bf16 whose kernel this kt build lacks falls back to the torch backend on the same math (or, asked for kt by name, is
-one error). moe_lora defaults to "exact" where kt has the SFT kernel (and always on torch), else "merged".
+bf16 whose kernel this kt build lacks falls back to the torch backend, on the same math where torch has it (int8, fp8,
+rawint4) and on the bf16 weights for int4 (or, asked for kt by name, is one error). moe_lora defaults to "exact" where kt has the SFT kernel (and always on torch), else "merged".
 kt_kernel is imported only here and only when kt may run: `import ktchat` never loads it.
 """
 
@@ -50,13 +50,13 @@ def choose_experts(name: str = "auto", *, moe_lora: str | None = None, kt_method
     """Maps "auto" | "torch" | "kt" and its options to the backend that runs, and says which and why.
     `adapters_method`: kt_method is the adapter's training format, not the user's (a refusal then says so)."""
     _check_choices(name, moe_lora, kt_method)
-    name = _format_fallback(name, moe_lora, kt_method, adapters_method)
+    asked, name = name, _format_fallback(name, moe_lora, kt_method, adapters_method)
     if name == "auto":
         use_kt, why = kt_backend.auto_choice(kt_method or "bf16")  # imports kt_kernel only now
         name = "kt" if use_kt else "torch"
         logger.info("experts backend: %s (%s)", name, why)
     if name == "torch":
-        if kt_method not in _TORCH_METHODS or num_threads is not None:
+        if (kt_method not in _TORCH_METHODS and asked == name) or num_threads is not None:
             logger.warning("ignored: kt_method %s / kt_num_threads apply to the kt experts backend, not torch",
                            kt_method)
         return ExpertsChoice("torch", moe_lora or "exact", kt_method)
@@ -78,16 +78,19 @@ def _check_choices(name: str, moe_lora: str | None, kt_method: str | None) -> No
 
 
 def _format_fallback(name: str, moe_lora: str | None, method: str | None, adapters_method: bool) -> str:
-    """A weight format other than bf16 that this CPU's kt build has no kernel for: "auto" runs the torch backend on
-    the same math (and says so); "kt" is refused, naming what to set instead."""
+    """A weight format other than bf16 that this CPU's kt build has no kernel for: "auto" runs the torch backend (on
+    the same math where it has it, else on the bf16 weights) and says so; "kt" is refused, naming what to set instead."""
     if name == "torch" or method in (None, "bf16"):
         return name
     reason = kt_backend.unavailable_reason(moe_lora or "merged", method) if _kt_imports() else "no kt_kernel"
+    same_math = method in _TORCH_METHODS
     if reason and name == "auto":
-        logger.info("routed experts: torch backend on the same %s math (%s)", method, reason)
+        logger.info("routed experts: torch backend on %s (%s)",
+                    f"the same {method} math" if same_math else f"the bf16 weights: it has no {method} math", reason)
         return "torch"
     if reason:
-        raise KTChatError(f"experts_backend kt: {reason}; use experts_backend torch (same math, slower)"
+        raise KTChatError(f"experts_backend kt: {reason}; use experts_backend torch "
+                          + ("(same math, slower)" if same_math else f"(bf16 weights: it has no {method} math)")
                           + (f" or kt_method bf16 (not the adapter's {method})" if adapters_method else ""))
     return name
 

@@ -1,4 +1,4 @@
-"""Routed experts on kt_kernel's CPU MoE kernels (AMX, or AVX-512 where the wheel has them).
+"""Routed experts on kt_kernel's CPU MoE kernels (its amx, avx512 or avx2 build, whichever matches this CPU).
 
 Two ways to run the expert LoRA:
 - "exact": kt_kernel's SFT kernel computes x W^T + s (x A^T) B^T unmerged, as in training;
@@ -71,10 +71,10 @@ def unavailable_reason(moe_lora: str = "exact", method: str = "bf16") -> str | N
         return str(exc)
     if name is None:
         want = KT_METHODS[method].sft if moe_lora == "exact" else " or ".join(KT_METHODS[method].inference)
-        return (
-            f"kt_kernel's '{cpu_variant()}' build for this CPU has no {want} kernel "
-            f"(moe_lora={moe_lora!r}, method={method!r}; kt_kernel builds it only for AMX / AVX512-BF16 CPUs)"
-        )
+        where = ("kt_kernel builds its SFT kernels only for AMX / AVX512-BF16 CPUs" if moe_lora == "exact"
+                 else "this build's inference kernels take other kt_method formats")
+        return (f"kt_kernel's '{cpu_variant()}' build for this CPU has no {want} kernel "
+                f"(moe_lora={moe_lora!r}, method={method!r}; {where})")
     return None
 
 
