@@ -568,8 +568,7 @@ def test_ktchat_chat_and_ktchat_api_answer_alike_with_a_named_template(lf_tiny, 
     from ktchat.generate import llamafactory_template
     from ktchat.tinymodels import TRAINED_QA
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from load_test import start_server
+    from servers import start_server
 
     config = tmp_path / "template.yaml"
     config.write_text(yaml.safe_dump({

@@ -23,8 +23,7 @@ from ktchat.cli.api import add_command as add_api_command, listen_settings  # no
 from ktchat.tinymodels import TRAINED_QA  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from load_test import get_json, settle, start_server  # noqa: E402
+from servers import get_json, settle, start_server  # noqa: E402
 
 MAX_NEW = 40
 EOS_BANNED = {"2": -100}  # the tiny tokenizer's <|end|>: the reply runs to max_tokens (a long, busy request)
