@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite under transformers 5.x (.venv) and transformers 4.57 (.venv-tf4), then
-# tests/test_llamafactory.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), and it, the KT-environment tests and the
-# webchat browser test under llamafactory-kt with the KT forks (.venv-lfkt), installing the environments first if
-# needed. Extra arguments go to pytest.
+# tests/test_llamafactory.py under upstream LLaMA-Factory 0.9.5 (.venv-lf), and it, the KT-environment tests, the
+# webchat browser test and train-then-chat (`llamafactory-cli train` with use_kt, then ktchat on what it wrote) under
+# llamafactory-kt with the KT forks (.venv-lfkt), installing the environments first if needed. Extra arguments go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh .venv requirements/tf5.txt
@@ -18,7 +19,7 @@ done
 # The real llamafactory-cli chat/api on the tiny model that the .venv run above has built (.cache/tiny).
 echo "== pytest tests/test_llamafactory.py under LLaMA-Factory $(.venv-lf/bin/python -c 'import importlib.metadata as m; print(m.version("llamafactory"), "+ transformers", m.version("transformers"))')"
 .venv-lf/bin/python -m pytest tests/test_llamafactory.py "$@" || status=$?
-echo "== pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py under $(.venv-lfkt/bin/python -c 'import importlib.metadata as m; print("llamafactory-kt", m.version("llamafactory-kt"), "+ transformers-kt", m.version("transformers-kt"))')"
-.venv-lfkt/bin/python -m pytest tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py "$@" \
-  || status=$?
+lfkt_tests=(tests/test_llamafactory.py tests/test_kt_environment.py tests/test_webchat_browser.py tests/test_train_then_chat.py)
+echo "== pytest ${lfkt_tests[*]} under $(.venv-lfkt/bin/python -c 'import importlib.metadata as m; print("llamafactory-kt", m.version("llamafactory-kt"), "+ transformers-kt", m.version("transformers-kt"))')"
+.venv-lfkt/bin/python -m pytest "${lfkt_tests[@]}" "$@" || status=$?
 exit $status
