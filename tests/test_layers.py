@@ -148,7 +148,7 @@ BENCH = SRC.parents[1] / "bench"
 
 
 def bench_imports(path: Path) -> list[str]:
-    """Where `path` imports a bench/ module or puts bench/ on sys.path: 'line: source' each."""
+    """Where `path` imports a bench/ module or puts bench/ on sys.path: 'file:line: source' each, in line order."""
     bench_modules = {p.stem for p in BENCH.glob("*.py")}
     source = path.read_text(encoding="utf-8")
     found = []

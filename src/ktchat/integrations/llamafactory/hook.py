@@ -296,9 +296,9 @@ def _finish_generation(timeout: float = 30.0) -> None:
     nobody joins. The REPL exits as soon as the streamer's stop signal arrives, while that thread is still
     returning from generate and freeing its tensors. torch releases the GIL inside a tensor's deallocation
     (THPVariable_clear); a daemon thread that takes the GIL back once the interpreter is finalizing is ended by
-    pthread_exit, whose unwinding through that C++ frame calls std::terminate (pytorch/pytorch#38228). Rare on an
-    idle machine; seen under load, and in 1 exit of 5 with ktchat's model on kt's exact kernels. Joined here,
-    before finalization, the thread has freed everything when the interpreter goes down."""
+    pthread_exit, whose unwinding through that C++ frame calls std::terminate (pytorch/pytorch#38228). Rare: CI
+    hit it under load without use_kt, ktchat's model on kt's exact kernels in 1 exit of 5. Joined here, before
+    finalization, the thread has freed everything when the interpreter goes down."""
     for thread in threading.enumerate():
         if thread.daemon and thread.name.endswith("(generate)") and thread is not threading.current_thread():
             thread.join(timeout)
