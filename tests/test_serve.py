@@ -256,7 +256,7 @@ def cancelled_tokens(server, start: int) -> list[int]:
 
 def test_disconnect_stops_generation(server):
     """A stream closed midway, a call that times out while running, one that times out while queued:
-    each frees the worker at once, its generation ended at the token after the cancel, far short of its 1500."""
+    each frees the worker, its generation stopped short of its 1500 tokens (the server logs how many it made)."""
     served = server.health()["served"]
     logged = len(server.log.read_text())
     stream = long_request(server.client(), stream=True)
