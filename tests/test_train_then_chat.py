@@ -125,7 +125,8 @@ def _train(base: Path, out: Path, data: Path) -> subprocess.CompletedProcess:
     try:
         return _lf_cli("train", config, env={"HF_DATASETS_CACHE": str(out.parent / "datasets-cache")})
     except subprocess.TimeoutExpired as exc:  # a run that hangs after its error still tells which error it was
-        return subprocess.CompletedProcess(exc.cmd, -9, exc.stdout or "", exc.stderr or "")
+        text = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr)]
+        return subprocess.CompletedProcess(exc.cmd, -9, *text)
 
 
 @pytest.fixture(scope="module")
