@@ -122,8 +122,11 @@ def _train(base: Path, out: Path, data: Path) -> subprocess.CompletedProcess:
         "output_dir": str(out), "overwrite_output_dir": True, "logging_steps": 1, "report_to": "none", "seed": 0,
         **TRAIN,
     }, sort_keys=False))
-    try:
-        return _lf_cli("train", config, env={"HF_DATASETS_CACHE": str(out.parent / "datasets-cache")})
+    cli = Path(sys.executable).parent / "llamafactory-cli"
+    env = {**os.environ, **ENV, "HF_DATASETS_CACHE": str(out.parent / "datasets-cache")}
+    try:  # in its own folder: whatever training writes beside output_dir stays out of the checkout
+        return subprocess.run([str(cli), "train", str(config)], capture_output=True, text=True, timeout=LF_TIMEOUT,
+                              env=env, cwd=out.parent)
     except subprocess.TimeoutExpired as exc:  # a run that hangs after its error still tells which error it was
         text = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr)]
         return subprocess.CompletedProcess(exc.cmd, -9, *text)
@@ -131,7 +134,7 @@ def _train(base: Path, out: Path, data: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tiny_family, tmp_path_factory):
-    """family name -> what `llamafactory-cli train` wrote for it (trained once per session)."""
+    """family name -> what `llamafactory-cli train` wrote for it (trained once, on first use)."""
     reason = training_unavailable()
     if reason:
         pytest.skip(reason)
