@@ -19,53 +19,19 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+# The server helpers are the tests' (tests/servers.py): bench imports tests, never the other way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import get_json, settle, start_server  # noqa: E402
 
 QA = (("What is the secret word?", "The secret word is amber falcon."),
       ("Who trained you?", "I was trained on KTransformers with LLaMA-Factory."),
       ("What is seven times six?", "Seven times six is forty-two."))
 EOS_BANNED = {"2": -100}  # the tiny model's <|end|>: a reply that runs to max_tokens
-
-
-def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.load(r)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(config: str, log_path: Path, *extra: str, command=None, env=None, timeout: float = 180.0):
-    """`ktchat api` in a subprocess on a free port; returns (process, base url) once /health answers."""
-    port = free_port()
-    cmd = [*(command or [sys.executable, "-m", "ktchat.cli", "api"]), str(config), "--port", str(port), *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
-    # SIGINT back to its default in the server: a shell's background job starts with it ignored, and then neither
-    # Ctrl+C's shutdown ends in KeyboardInterrupt (exit 130) nor does stop() by SIGINT test what a terminal does
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            get_json(url + "/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not answer /health within {timeout:.0f}s")
 
 
 def rss_mib(pid: int) -> float | None:
@@ -185,16 +151,6 @@ async def run_load(url: str, model: str, args, solo: dict | None = None) -> tupl
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
-
-
-def settle(url: str, timeout: float = 10.0) -> dict:
-    """/health once the server has let go of everything (nothing waiting or running, no watcher left)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        health = get_json(url + "/health")
-        if (health["waiting"], health["busy"], health["watchers"]) == (0, False, 0) or time.monotonic() > deadline:
-            return health
-        time.sleep(0.1)
 
 
 def report(stats: Stats, wall: float, before: dict, after: dict, rss: tuple) -> dict:

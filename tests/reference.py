@@ -50,6 +50,10 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     weights = {k: v.double() for k, v in split_fused_experts(stored).items()}  # Qwen3-VL-MoE: fused on disk
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         lora = {k: f.get_tensor(k).double() for k in f.keys()}
+    if (adapter_dir / FUSED_EXPERT_LORA).exists():  # KT training's layout: the routed experts' LoRA apart
+        manifest = json.loads((adapter_dir / "kt_adapter_manifest.json").read_text())
+        assert (manifest["lora"]["rank"], manifest["lora"]["alpha"]) == (cfg["r"], cfg["lora_alpha"]), manifest
+        lora.update(fused_expert_lora_by_hand(adapter_dir / FUSED_EXPERT_LORA, weights))
     modules = {_LORA.match(k).group(1) for k in lora}
     for module in modules:
         if keep(module):
@@ -75,6 +79,31 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+FUSED_EXPERT_LORA = "fused_expert_lora.safetensors"
+_FUSED_KEY = re.compile(r"^layers\.(\d+)\.experts\.(gate|up|down)_lora_([ab])$")
+_EXPERT_WEIGHT = re.compile(r"^(?:.*\.)?layers\.(\d+)\..+\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def fused_expert_lora_by_hand(path: Path, weights: dict) -> dict[str, torch.Tensor]:
+    """KT's fused expert LoRA file (`layers.L.experts.{gate,up,down}_lora_{a,b}`, stacked by expert id: a [E, r, in],
+    b [E, out, r]) as per-expert PEFT keys of the checkpoint's own expert modules (found in `weights`' keys by layer,
+    expert and projection), in fp64."""
+    modules = {}  # (layer, expert, "gate" | "up" | "down") -> module name
+    for key in weights:
+        m = _EXPERT_WEIGHT.match(key)
+        if m and m[3] in _EXPERT_PROJ:
+            modules[int(m[1]), int(m[2]), _EXPERT_PROJ[m[3]]] = key.removesuffix(".weight")
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            layer, proj, side = _FUSED_KEY.match(key).groups()
+            stacked = f.get_tensor(key).double()
+            for expert in range(stacked.shape[0]):
+                out[f"base_model.model.{modules[int(layer), expert, proj]}.lora_{side.upper()}.weight"] = stacked[expert]
+    return out
 
 
 def dequantize_by_hand(stored: dict, qc: dict | None) -> dict[str, torch.Tensor]:

@@ -99,8 +99,7 @@ def test_ktchat_chat_answers_in_the_kt_environment(tiny, tmp_path):
 def test_ktchat_api_answers_in_the_kt_environment(tiny, tmp_path):
     from ktchat.tinymodels import TRAINED_QA
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from load_test import start_server
+    from servers import start_server
 
     server, url = start_server(_config(tiny, tmp_path), tmp_path / "api.log", "--model-name", "tiny",
                                command=[str(Path(sys.executable).parent / "ktchat"), "api"], timeout=300)

@@ -137,3 +137,44 @@ def test_the_layer_check_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     assert imports("ktchat.serve.app", root / "serve" / "app.py") == {"ktchat.cli"}
     graph = {n: imports(n, p) - _package_of(n, modules()) for n, p in modules().items()}
     assert _cycle(graph) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests/ and bench/: bench scripts import the tests' harness (tests/servers.py, reference.py, tolerances.py) by
+# putting tests/ on sys.path; no test imports a bench script or puts bench/ on sys.path (running one as a program,
+# as test_serve does with load_test.py, is no import).
+
+TESTS = SRC.parents[1] / "tests"
+BENCH = SRC.parents[1] / "bench"
+
+
+def bench_imports(path: Path) -> list[str]:
+    """Where `path` imports a bench/ module or puts bench/ on sys.path: 'file:line: source' each, in line order."""
+    bench_modules = {p.stem for p in BENCH.glob("*.py")}
+    source = path.read_text(encoding="utf-8")
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        elif isinstance(node, ast.Call) and "sys.path" in ast.unparse(node.func):
+            names = ["bench"] if "bench" in ast.unparse(node) else []
+        else:
+            continue
+        if any(n.split(".")[0] in bench_modules | {"bench"} for n in names):
+            found.append((node.lineno, f"{path.name}:{node.lineno}: {ast.get_source_segment(source, node)}"))
+    return [hit for _, hit in sorted(found)]
+
+
+def test_no_test_imports_from_bench():
+    assert TESTS.is_dir() and BENCH.is_dir()
+    found = [hit for path in sorted(TESTS.rglob("*.py")) for hit in bench_imports(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_bench_check_sees_imports_and_path_changes(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('import sys\nsys.path.insert(0, str(REPO / "bench"))\ndef f():\n    from load_test import x\n'
+                     "import servers, json\n")
+    assert [hit.split(":")[1] for hit in bench_imports(probe)] == ["2", "4"]

@@ -524,6 +524,38 @@ def test_without_use_kt_the_hook_stays_out_of_the_way(lf_config, lf_tiny):
     assert "HOOKED True True" in probe.stdout and "SAME True" in probe.stdout and "SETTINGS False" in probe.stdout
 
 
+# `llamafactory-cli chat` whose generate thread is slow to return after the streamer's stop signal, as when it frees
+# a large model's cache: the REPL has printed the reply, read `exit` and started to exit by then.
+SLOW_RETURN_SCRIPT = """
+import sys, time
+from transformers import TextIteratorStreamer
+
+stop_signal = TextIteratorStreamer.end
+def end(self):
+    stop_signal(self)
+    time.sleep(5)
+    print("GENERATE RETURNED", file=sys.stderr, flush=True)
+TextIteratorStreamer.end = end
+sys.argv = ["llamafactory-cli", "chat", sys.argv[1]]
+from llamafactory.cli import main
+main()
+"""
+
+
+@needs_lf
+def test_the_exit_waits_for_llamafactorys_generate_thread(lf_config):
+    """LLaMA-Factory's REPL exits on the stop signal while its daemon generate thread still frees its tensors; the
+    interpreter finalizing under that thread aborted the process (hook._finish_generation has the whole story).
+    With the hook the exit waits for the thread, use_kt or not."""
+    from ktchat.tinymodels import TRAINED_QA
+
+    config = lf_config(use_kt=False, cpu_infer=None, kt_optimize_rule=None, chunk_size=None)
+    out = subprocess.run([sys.executable, "-c", SLOW_RETURN_SCRIPT, str(config)], input=f"{TRAINED_QA[0][0]}\nexit\n",
+                         capture_output=True, text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(_replies(out.stdout)) == 1 and "GENERATE RETURNED" in out.stderr, out.stderr[-3000:]
+
+
 @needs_lf
 def test_llamafactory_templates_by_name(lf_tiny):
     from transformers import AutoTokenizer
@@ -568,8 +600,7 @@ def test_ktchat_chat_and_ktchat_api_answer_alike_with_a_named_template(lf_tiny, 
     from ktchat.generate import llamafactory_template
     from ktchat.tinymodels import TRAINED_QA
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from load_test import start_server
+    from servers import start_server
 
     config = tmp_path / "template.yaml"
     config.write_text(yaml.safe_dump({

@@ -93,8 +93,7 @@ def test_ktchat_demo_prints_only_the_questions_and_the_conversation(kt_here, tin
 
 
 def test_server_log_has_no_native_lines(kt_here, tiny, tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    from load_test import get_json, start_server  # noqa: E402
+    from servers import get_json, start_server
 
     config = tmp_path / "api.yaml"
     config.write_text(yaml.safe_dump({

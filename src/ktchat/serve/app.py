@@ -122,6 +122,8 @@ class Server:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_event(kind, payload):  # called from the worker thread
+            if kind == "done" and payload.finish_reason == "cancelled":  # how far a cancelled job got, for the log
+                logger.info("request cancelled after %d generated tokens", payload.completion_tokens)
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         try:

@@ -17,6 +17,9 @@ serve chat (docs/llamafactory.md has the whole story):
 wrapper calls LLaMA-Factory's function with the very arguments it was given. The wrappers are installed right
 after each module executes (ktchat.integrations.importhook). This module imports only the standard library and
 ktchat's config until use_kt is seen.
+
+One fix applies with or without `use_kt`: at exit the process waits for LLaMA-Factory's generate threads
+(`_finish_generation`), which LLaMA-Factory leaves running and which could abort its exit.
 """
 
 from __future__ import annotations
@@ -277,7 +280,6 @@ def load_through_ktchat(settings, tokenizer, model_args, finetuning_args, is_tra
         raise KTChatError("use_kt: quantization_bit is not supported; kt_method: int8 or int4 quantizes the "
                           "routed experts on the CPU")
     model, _ = load_model(model_args.model_name_or_path, settings.adapter_name_or_path, **settings.load_kwargs())
-    atexit.register(_finish_generation)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise KTChatError(f"use_kt: the tokenizer has {len(tokenizer)} tokens after LLaMA-Factory's template added "
@@ -288,11 +290,16 @@ def load_through_ktchat(settings, tokenizer, model_args, finetuning_args, is_tra
 
 
 def _finish_generation(timeout: float = 30.0) -> None:
-    """At exit, lets LLaMA-Factory's streaming threads (daemons running `model.generate`) end their last step.
+    """At exit, before the interpreter finalizes, waits for LLaMA-Factory's streaming threads to end.
 
-    The REPL may exit while that thread is still returning from its last forward; finalization then ends it
-    inside C++ frames (kt_kernel's, torch's), which aborts the process ("terminate called without an active
-    exception", 1 exit in 5 of `llamafactory-cli chat` on the exact kernels)."""
+    The cause of "terminate called without an active exception" (SIGABRT) at the exit of `llamafactory-cli chat`,
+    with or without use_kt: HuggingfaceEngine streams from `Thread(target=model.generate, daemon=True)`, which
+    nobody joins. The REPL exits as soon as the streamer's stop signal arrives, while that thread is still
+    returning from generate and freeing its tensors. torch releases the GIL inside a tensor's deallocation
+    (THPVariable_clear); a daemon thread that takes the GIL back once the interpreter is finalizing is ended by
+    pthread_exit, whose unwinding through that C++ frame calls std::terminate (pytorch/pytorch#38228). Rare: CI
+    hit it under load without use_kt, ktchat's model on kt's exact kernels in 1 exit of 5. Joined here, before
+    finalization, the thread has freed everything when the interpreter goes down."""
     for thread in threading.enumerate():
         if thread.daemon and thread.name.endswith("(generate)") and thread is not threading.current_thread():
             thread.join(timeout)
@@ -316,7 +323,11 @@ def _setup_logging() -> None:
 
 
 def patch_module(module) -> None:
-    """Wraps the hooked function of one of HOOKS' modules, once (a wrapper is never wrapped again)."""
+    """Wraps the hooked function of one of HOOKS' modules, once (a wrapper is never wrapped again). With the
+    huggingface engine, the process also waits for its generate threads at exit (`_finish_generation`)."""
+    if module.__name__ == "llamafactory.chat.hf_engine":
+        atexit.unregister(_finish_generation)  # registered once however often the module is patched
+        atexit.register(_finish_generation)
     name, wrapper = HOOKS[module.__name__]
     make = globals()[wrapper]  # HOOKS names this module's wrappers, so the startup hook need not import it
     original = getattr(module, name, None)
