@@ -26,20 +26,12 @@ from pathlib import Path
 
 # The server helpers are the tests' (tests/servers.py): bench imports tests, never the other way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import get_json, settle, start_server  # noqa: E402
+from servers import get_json, rss_mib, settle, start_server  # noqa: E402
 
 QA = (("What is the secret word?", "The secret word is amber falcon."),
       ("Who trained you?", "I was trained on KTransformers with LLaMA-Factory."),
       ("What is seven times six?", "Seven times six is forty-two."))
 EOS_BANNED = {"2": -100}  # the tiny model's <|end|>: a reply that runs to max_tokens
-
-
-def rss_mib(pid: int) -> float | None:
-    try:
-        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):
-        return None
 
 
 class Stats:

@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def rss_mib(pid: int) -> float | None:
+    """A process's resident memory in MiB (Linux), None where it cannot be read."""
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

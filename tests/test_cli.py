@@ -51,6 +51,25 @@ def test_help_imports_only_the_standard_library_yaml_and_ktchat():
     assert third_party == {"ktchat", "yaml"}, sorted(third_party)
 
 
+@pytest.mark.parametrize("command", ["chat", "api", "predict"])
+def test_missing_model_folder_is_said_before_torch_loads(tmp_path, command):
+    """A YAML naming a folder that is not there, or a corrupt JSON file in it, is one line before torch and
+    transformers are imported (the slow part of a command's start)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "Q"}\n', encoding="utf-8")
+    for model, fragment in ((tmp_path / "nope", "is not a local folder"), (broken, "config.json: not valid JSON")):
+        config = tmp_path / "cfg.yaml"
+        extra = f"dataset: {tmp_path / 'd.jsonl'}\n" if command == "predict" else ""
+        config.write_text(f"model_name_or_path: {model}\n{extra}", encoding="utf-8")
+        result = run(command, str(config), env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.returncode == 2, result
+        error = [line for line in result.stderr.splitlines() if "|" not in line]
+        assert len(error) == 1 and fragment in error[0] and str(model) in error[0], result.stderr
+        assert not {"torch", "transformers"} & imported_modules(result.stderr)
+
+
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("ktchat ")
@@ -152,6 +171,33 @@ def test_demo_reuses_cache_and_answers(tiny):
     assert answer in result.stdout.split(WELCOME, 1)[1]
     demo = yaml.safe_load((tiny.root / "demo.yaml").read_text())
     assert demo["use_kt"] is True and "template" not in demo and demo["max_new_tokens"] == 64
+
+
+SLOW_ENGINE_SCRIPT = """
+import sys, time
+from ktchat.engine import sequence
+
+ended = sequence.Sequence.end
+def end(self, *args, **kwargs):
+    ended(self, *args, **kwargs)
+    time.sleep(3)  # the chat has its reply and reads `exit` while the engine's step is still returning
+    print("ENGINE STEP RETURNED", file=sys.stderr, flush=True)
+sequence.Sequence.end = end
+from ktchat.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_exit_waits_for_the_engine_thread(tiny):
+    """The chat exits as soon as a reply ended, while the engine's worker still returns from its step and frees
+    its tensors. The interpreter finalizing under a daemon thread inside torch aborted the process ("terminate called
+    without an active exception"; engine.generator._close_at_exit); the exit waits for the worker."""
+    from ktchat.tinymodels import TRAINED_QA
+
+    result = subprocess.run([sys.executable, "-c", SLOW_ENGINE_SCRIPT, "demo", "--cache", str(tiny.root)],
+                            input=f"{TRAINED_QA[0][0]}\nexit\n", capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("ENGINE STEP RETURNED") == 1, result.stderr
 
 
 def test_chat_session_keeps_history_and_reraises(tiny):

@@ -348,7 +348,7 @@ EVERY_KEY_VALUES = {
     "kt_num_threads": 1, "moe_lora": "merged", "kt_method": "bf16", "merge_peft_lora": True, "cuda_graphs": False,
     "max_new_tokens": 32, "do_sample": False, "default_system": "You are a helpful assistant.",
     "kt_optimize_rule": "examples/kt_optimize_rules/DeepSeek-V2-Lite-Chat-sft-amx.yaml", "chunk_size": 8192,
-    "gpu_prefill_tokens": "off", "gpu_prefill_gib": 2,
+    "gpu_prefill_tokens": "off", "gpu_prefill_gib": 2, "gpu_experts_gib": 0.0001, "gpu_experts_placement": "frequency",
 }
 # Keys this run cannot give a real value: where each is tested instead.
 TESTED_ELSEWHERE = {"kt_weight_path": "needs kt_method int8 and an INT8 set: tests/test_kt_formats.py"}
@@ -361,9 +361,10 @@ def _default(f):
     return getattr(value, "value", value)  # LLaMA-Factory's enums as the strings a YAML holds
 
 
-def every_key_yaml(lf_tiny) -> dict:
+def every_key_yaml(lf_tiny, folder) -> dict:
     """Every key ktchat's config reads (ModelArgs, GenerationArgs, the older aliases) with a real value, and every
-    key it accepts as ignored with LLaMA-Factory's (or transformers' TrainingArguments') default where they have one."""
+    key it accepts as ignored with LLaMA-Factory's (or transformers' TrainingArguments') default where they have one.
+    Files the keys name are written in `folder`."""
     from dataclasses import fields
 
     import llamafactory.hparams as hparams
@@ -371,8 +372,10 @@ def every_key_yaml(lf_tiny) -> dict:
 
     from ktchat.config import ALIASES, IGNORED_KEYS, GenerationArgs, ModelArgs
 
+    calibration = folder / "calibration.txt"
+    calibration.write_text("What is the capital of France?\n")
     values = {**EVERY_KEY_VALUES, "model_name_or_path": str(lf_tiny.model),
-              "adapter_name_or_path": str(lf_tiny.adapter)}
+              "adapter_name_or_path": str(lf_tiny.adapter), "gpu_experts_calibration": str(calibration)}
     read = {f.name: values.get(f.name, _default(f)) for cls in (ModelArgs, GenerationArgs) for f in fields(cls)
             if f.name not in TESTED_ELSEWHERE}
     unset = [k for k, v in read.items() if v is None]
@@ -391,7 +394,7 @@ def test_llamafactory_cli_chat_accepts_every_key_ktchat_documents(lf_tiny, tmp_p
     if kt_backend.unavailable_reason("merged", "bf16"):  # experts_backend: kt needs it
         pytest.skip(kt_backend.unavailable_reason("merged", "bf16"))
     config = tmp_path / "every-key.yaml"
-    config.write_text(yaml.safe_dump(every_key_yaml(lf_tiny), sort_keys=False))
+    config.write_text(yaml.safe_dump(every_key_yaml(lf_tiny, tmp_path), sort_keys=False))
     out = _lf_cli("chat", config, stdin=f"{TRAINED_QA[0][0]}\nexit\n")
     assert out.returncode == 0, out.stderr[-3000:]
     replies = _replies(out.stdout)  # not the trained answer: the adapter never saw this template or a system
@@ -401,6 +404,7 @@ def test_llamafactory_cli_chat_accepts_every_key_ktchat_documents(lf_tiny, tmp_p
     assert "[ktchat] kt experts: moe_lora=merged, method=bf16" in out.stderr
     assert "kt_kernel worker pool: 1 threads" in out.stderr and "cpu_infer is read as kt_num_threads: 1" in out.stderr
     assert "[ktchat] ignored: " in out.stderr
+    assert "[ktchat] GPU experts: " in out.stderr and "of the calibration's routing" in out.stderr
 
 
 def _http(url: str, payload=None, timeout=120):
@@ -554,6 +558,18 @@ def test_the_exit_waits_for_llamafactorys_generate_thread(lf_config):
                          capture_output=True, text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV}, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_replies(out.stdout)) == 1 and "GENERATE RETURNED" in out.stderr, out.stderr[-3000:]
+
+
+@needs_lf
+def test_ktchat_chat_refuses_a_template_unknown_to_llamafactory_before_the_load(lf_config):
+    """tests/test_preload.py's rule with the real LLaMA-Factory: one line naming the key and the closest name."""
+    ktchat = Path(sys.executable).parent / "ktchat"
+    out = subprocess.run([str(ktchat), "chat", str(lf_config(template="deepsek", cpu_infer=None, kt_optimize_rule=None, chunk_size=None))], capture_output=True, text=True,
+                         timeout=LF_TIMEOUT, env={**os.environ, **ENV})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("ktchat: error: template: 'deepsek' is not one of LLaMA-Factory's templates")
+    assert "deepseek" in lines[0] and "loaded" not in out.stderr
 
 
 @needs_lf

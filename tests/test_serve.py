@@ -24,7 +24,7 @@ from ktchat.cli.api import add_command as add_api_command, listen_settings  # no
 from ktchat.tinymodels import TRAINED_QA  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-from servers import get_json, settle, start_server  # noqa: E402
+from servers import get_json, rss_mib, settle, start_server  # noqa: E402
 
 MAX_NEW = 40
 EOS_BANNED = {"2": -100}  # the tiny tokenizer's <|end|>: the reply runs to max_tokens (a long, busy request)
@@ -308,8 +308,6 @@ def test_batched_load_replies_equal_solo_replies_and_memory_stays_flat(root, tin
     """8 requests decoded together: 16 clients x 20 requests, every 5th abandoned midway, give no server error and
     every completed reply equals the same request's reply alone (fp32 torch experts); the server's memory after a
     warm-up round stays flat through the run."""
-    from load_test import rss_mib
-
     live = Live(root, write_config(root, tiny), "--model-name", "tiny", "--max-batch", "8", "--queue-size", "64")
     try:
         load(live.url, "--clients", "16", "--requests", "4", "--max-tokens", "16")  # warm-up: every batch size seen

@@ -9,6 +9,7 @@ value that reached the library has been validated whether it came from YAML, the
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import re
@@ -405,6 +406,33 @@ def _read_yaml(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise KTChatError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+# The JSON files transformers reads from a model folder.
+_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+               "special_tokens_map.json", "added_tokens.json")
+
+
+def check_folders(model_name_or_path, adapter_name_or_path=None) -> tuple[Path, Optional[Path]]:
+    """The model and adapter folders, local (ktchat never downloads), the model folder's JSON files valid: checked
+    without torch, so the commands say so before their slow imports (and load_model's plan again, the same way)."""
+    model_dir = _local_folder(model_name_or_path, "model_name_or_path")
+    adapter_dir = _local_folder(adapter_name_or_path, "adapter_name_or_path") if adapter_name_or_path else None
+    for name in _JSON_FILES:  # tokenizers raises a bare Exception on a corrupt file: one line naming it instead
+        path = model_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise KTChatError(f"{path}: not valid JSON ({exc})") from None
+    return model_dir, adapter_dir
+
+
+def _local_folder(path, key: str) -> Path:
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        raise KTChatError(f"{key}: {path} is not a local folder (ktchat never downloads from a model hub)")
+    return folder
 
 
 def load_config(path, overrides: Optional[Mapping[str, Any]] = None, *, predict: bool = False) -> ChatConfig:

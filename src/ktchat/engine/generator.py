@@ -11,9 +11,11 @@ and from where; hybrid linear-attention models resume from saved copies of their
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -31,6 +33,17 @@ logger = logging.getLogger(__name__)
 MIN_CACHE_TOKENS = 512
 SAVED_PER_SLOT = 4  # copies of a hybrid model's linear-attention state kept per conversation (the latest)
 PREFILL_CHUNK = 2048  # a prompt computed beside running sequences goes in chunks of this many tokens
+
+
+_working: weakref.WeakSet = weakref.WeakSet()  # engines whose worker thread runs
+
+
+def _close_at_exit() -> None:
+    """At exit, every worker ends first. The interpreter stops a daemon thread that comes back from a native call
+    after it began finalizing, and one inside torch then dies in a C++ destructor: "terminate called without an
+    active exception", SIGABRT (seen after `ktchat demo` answered and read `exit`)."""
+    for engine in list(_working):
+        engine.close()
 
 
 class Engine:
@@ -111,6 +124,10 @@ class Engine:
             self.scheduler.add(sequence)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="ktchat-engine", daemon=True)
+                if not _working:  # registered after kt's pool, so it runs before the pool is released
+                    atexit.unregister(_close_at_exit)
+                    atexit.register(_close_at_exit)
+                _working.add(self)
                 self._thread.start()
             self._cond.notify_all()
         return sequence

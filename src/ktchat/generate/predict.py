@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from ..config import ChatConfig
+from ..config import ChatConfig, check_folders
 from ..errors import KTChatError
 from .prompts import check_template
 from .rows import Row, Rows, open_dataset
@@ -167,11 +167,12 @@ def predict(config: ChatConfig) -> Path:
     """Generates the rows of `config.predict.dataset` that save_name does not hold yet; returns save_name's path.
     Everything that can be checked without the weights is checked first: the dataset, the template, the model
     folder, the rows already written."""
-    from ..model import engine_of, load_model, resolve
-
     args = config.predict
     dataset = open_dataset(args)
     check_template(config.model.template)
+    check_folders(config.model.model_name_or_path, config.model.adapter_name_or_path)
+    from ..model import engine_of, load_model, resolve
+
     plan = resolve(config.model)
     rows = dataset.rows(plan, config)
     out = Predictions(Path(args.save_name).expanduser(), rows.rows, args.batch_size)

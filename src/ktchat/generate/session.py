@@ -12,7 +12,7 @@ import logging
 import queue
 from typing import Iterator
 
-from ..config import ChatConfig, GenerationArgs
+from ..config import ChatConfig, GenerationArgs, check_folders
 from .prompts import Prompts, check_template
 from .text import ReplyText
 
@@ -71,11 +71,12 @@ class ChatSession:
 def open_session(config: ChatConfig) -> ChatSession:
     """Load the model and adapter the config names; prompts as `Prompts.named` builds them (chat and api alike).
 
-    `template` is checked before the load (an unknown name was found only after it); load_model checks the rest."""
-    from ..model import load_model
-
+    `template` and the folders are checked before torch is imported; load_model checks the rest."""
     m = config.model
     check_template(m.template)
+    check_folders(m.model_name_or_path, m.adapter_name_or_path)
+    from ..model import load_model
+
     model, tokenizer = load_model(m)
     prompts = Prompts.named(model, tokenizer, m.template, config.generation.default_system)
     return ChatSession(model, tokenizer, config.generation, prompts)

@@ -20,7 +20,7 @@ import torch
 
 from ..adapter import read_adapter
 from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
-from ..config import ModelArgs, check_gpu_experts_settings
+from ..config import ModelArgs, check_folders, check_gpu_experts_settings
 from ..errors import KTChatError
 from ..experts import ExpertsChoice, choose_experts
 from . import expert_format
@@ -31,9 +31,6 @@ from .registry import NATIVE_MODEL_TYPES, MoEArch, arch_for
 logger = logging.getLogger(__name__)
 
 _DTYPES = {name: BY_TORCH_NAME[name].torch for name in COMPUTE_DTYPES}
-# The JSON files transformers reads from a model folder.
-_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
-               "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclass(frozen=True)
@@ -96,9 +93,7 @@ def resolve(settings: LoadSettings | ModelArgs) -> LoadPlan:
     if gpu_experts[0] == "auto" and devices[0] is not None and torch.device(devices[0]).type != "cuda":
         raise KTChatError(f"gpu_experts_gib: auto reads the GPU's free memory, but the model goes to {devices[0]} "
                           "(give a number of GiB, or leave it out)")
-    model_dir = _local_dir(s.model_name_or_path, "model_name_or_path")
-    adapter_dir = _local_dir(s.adapter_name_or_path, "adapter_name_or_path") if s.adapter_name_or_path else None
-    _check_json_files(model_dir)
+    model_dir, adapter_dir = check_folders(s.model_name_or_path, s.adapter_name_or_path)
     config = _read_config(model_dir)
     arch = arch_for(config)
     generation_config = _read_generation_config(model_dir)
@@ -129,25 +124,6 @@ def resolve_dtype(dtype, config) -> torch.dtype:
     if name not in _DTYPES:
         raise KTChatError(f"dtype must be one of {', '.join(_DTYPES)} or 'auto', got {dtype!r}")
     return _DTYPES[name]
-
-
-def _local_dir(path, key: str) -> Path:
-    p = Path(str(path)).expanduser()
-    if not p.is_dir():
-        raise KTChatError(f"{key}: {path} is not a local folder (ktchat never downloads from a model hub)")
-    return p
-
-
-def _check_json_files(model_dir: Path) -> None:
-    """A corrupt JSON file of the model folder is one line naming it, before transformers reads it its own way
-    (tokenizers raises a bare Exception; generation_config.json used to be read after the weights)."""
-    for name in _JSON_FILES:
-        path = model_dir / name
-        if path.is_file():
-            try:
-                json.loads(path.read_bytes())
-            except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise KTChatError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _first_line(exc: BaseException) -> str:
