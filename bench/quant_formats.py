@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ktchat import quant
+from ktchat.formats import quant
 from ktchat.adapter import PROJS, StackedLoRA
 from ktchat.experts import ExpertsSpec
 from ktchat.experts.kt_backend import KTExperts, cpu_variant, kt_int8_writer, unavailable_reason
-from ktchat.kt_weights import open_int8_experts, write_int8_experts
+from ktchat.formats.kt_weights import open_int8_experts, write_int8_experts
 
 
 def rss_bytes() -> int:

@@ -4,6 +4,7 @@ as fp32), run in plain transformers. Shares no code with ktchat on purpose."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -39,9 +40,19 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda module: True) -> Path:
-    """Writes an fp32 checkpoint with the LoRA of every module for which keep(module) is true merged in."""
+    """Writes an fp32 checkpoint with the LoRA of every module for which keep(module) is true merged in, once: under
+    a lock, since scripts/test.sh runs two environments' tests side by side on the shared .cache."""
     if (out_dir / "model.safetensors").exists():
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / "model.safetensors").exists():
+            _write_merged(model_dir, adapter_dir, out_dir, keep)
+    return out_dir
+
+
+def _write_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, keep) -> None:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and not cfg.get("use_rslora")
     scale = cfg["lora_alpha"] / cfg["r"]
@@ -78,7 +89,6 @@ def merge_by_hand(model_dir: Path, adapter_dir: Path, out_dir: Path, keep=lambda
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return out_dir
 
 
 FUSED_EXPERT_LORA = "fused_expert_lora.safetensors"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ktchat import KTChatError
 from ktchat.adapter.writer import convert
-from ktchat.checkpoint import st_name
+from ktchat.formats.checkpoint import st_name
 from ktchat.cli.adapter import add_command as add_adapter_commands
 from ktchat.model.export import export_merged
 

@@ -22,7 +22,7 @@ import torch
 from ktchat import load_model, quant
 from ktchat.adapter.writer import convert
 from ktchat.errors import KTChatError
-from ktchat.kt_weights import MANIFEST_NAME, open_int8_experts, sha256_file, write_int8_experts
+from ktchat.formats.kt_weights import MANIFEST_NAME, open_int8_experts, sha256_file, write_int8_experts
 from ktchat.tinymodels.checkpoint import load_expert_weights
 
 from reference import DEVICE, load_reference, logits, merge_by_hand, read_checkpoint, rel_err

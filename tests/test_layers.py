@@ -15,10 +15,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ktchat"
 
 # Bottom to top; a unit may import units of lower rank only. Units of one rank are independent of each other.
 LAYERS = (
-    ("errors", "formats"),
-    ("runtime", "quant"),
-    ("checkpoint",),
-    ("config", "kt_weights"),
+    ("errors",),
+    ("runtime", "formats"),
+    ("config",),
     ("adapter",),
     ("experts",),
     ("engine",),

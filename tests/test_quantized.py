@@ -1,6 +1,6 @@
 """FP8 (DeepSeek-V3, partial edge blocks) and compressed-tensors INT4 (Kimi-K2-Thinking) bases: KT mode's fp32 torch
 path against the dequantized base with every LoRA merged by hand (tests/reference.py dequantizes block by block,
-sharing no code with ktchat.quant); scales that are dropped, corrupt or missing; export and convert on these bases."""
+sharing no code with ktchat.formats.quant); scales that are dropped, corrupt or missing; export and convert on these bases."""
 
 from __future__ import annotations
 

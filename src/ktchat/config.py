@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from . import formats
-from .checkpoint import COMPUTE_DTYPES
+from .formats.checkpoint import COMPUTE_DTYPES
 from .errors import KTChatError
 
 logger = logging.getLogger(__name__)

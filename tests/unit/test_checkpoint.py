@@ -1,4 +1,4 @@
-"""ktchat.checkpoint: the dtype table against safetensors and torch, header round trips for every dtype, shard
+"""ktchat.formats.checkpoint: the dtype table against safetensors and torch, header round trips for every dtype, shard
 lists, and one clear error naming the file for every way a header or an index can be broken. No model is loaded."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ktchat import KTChatError
-from ktchat.checkpoint import (
+from ktchat.formats.checkpoint import (
     BY_TORCH_NAME,
     COMPUTE_DTYPES,
     DTYPES,

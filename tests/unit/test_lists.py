@@ -78,7 +78,8 @@ def test_the_cli_offers_what_the_library_takes(command, option, allowed, capsys)
 
 
 def test_one_projection_list():
-    from ktchat import adapter, kt_weights
+    from ktchat import adapter
+    from ktchat.formats import kt_weights
     from ktchat.experts import kt_native
 
     assert adapter.PROJS is kt_weights.PROJS is kt_native.PROJS is formats.PROJS

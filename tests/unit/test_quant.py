@@ -1,11 +1,11 @@
-"""ktchat.quant: formats against hand-written dequantization (independent of quant.py's vectorized code)."""
+"""ktchat.formats.quant: formats against hand-written dequantization (independent of quant.py's vectorized code)."""
 
 import pytest
 import torch
 
-from ktchat import quant
+from ktchat.formats import quant
 from ktchat.errors import KTChatError
-from ktchat.quant import QuantizedWeight
+from ktchat.formats.quant import QuantizedWeight
 
 
 def _blockwise(data, scale, block, shape):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ktchat.checkpoint import Checkpoint, QuantLayout
+from ktchat.formats.checkpoint import Checkpoint, QuantLayout
 from ktchat.errors import KTChatError
 from ktchat.model.registry import ARCHS
 from ktchat.model.routes import DERIVED, EXPERT, FUSED, PARAM, SKIPPED, ModelNames, Route, route_checkpoint

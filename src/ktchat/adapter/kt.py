@@ -17,7 +17,7 @@ from .core import ExpertLoRA, Problems
 from .keys import kt_fused_key, parse_kt_fused_key
 from .kt_provenance import Provenance, read_provenance
 from .sources import load_pair
-from ..checkpoint import LORA_DTYPES, sha256_file, st_name
+from ..formats.checkpoint import LORA_DTYPES, sha256_file, st_name
 from .weights import AdapterWeights
 
 logger = logging.getLogger(__name__)

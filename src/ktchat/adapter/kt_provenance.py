@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import sha256_file
+from ..formats.checkpoint import sha256_file
 from .core import Problems
 
 logger = logging.getLogger(__name__)

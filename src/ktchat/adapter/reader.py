@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import LORA_DTYPES
+from ..formats.checkpoint import LORA_DTYPES
 from ..errors import KTChatError
 from .config import AdapterConfig, read_adapter_config
 from .core import LoraModule, Problems

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_header
+from ..formats.checkpoint import read_header
 from ..errors import KTChatError
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import staged_output
+from ..formats.checkpoint import staged_output
 from ..errors import KTChatError
 from ..formats import ADAPTER_LAYOUTS
 from .config import read_adapter_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from ..checkpoint import COMPUTE_DTYPES
+from ..formats.checkpoint import COMPUTE_DTYPES
 from ..formats import ADAPTER_LAYOUTS, EXPORT_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _report_json(report) -> str:
 def cmd_convert(args) -> int:
     from ..adapter.writer import convert
 
-    from ..checkpoint import BY_TORCH_NAME
+    from ..formats.checkpoint import BY_TORCH_NAME
 
     dtype = BY_TORCH_NAME[args.expert_dtype].torch if args.expert_dtype else None
     summary = convert(args.adapter, args.out, args.to, expert_dtype=dtype, overwrite=args.overwrite)

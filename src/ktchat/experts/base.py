@@ -11,7 +11,7 @@ import torch
 
 from ..adapter import PROJS, StackedLoRA
 from ..errors import KTChatError
-from ..quant import QuantizedWeight
+from ..formats.quant import QuantizedWeight
 
 
 @dataclass(frozen=True)

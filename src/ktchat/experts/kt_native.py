@@ -8,7 +8,7 @@ kt_kernel's native kernels take the checkpoint's own bytes through per-expert po
 - fp8: float8_e4m3fn [out, in] + fp32 scale_inv [out/128, in/128] (bits 8, group 128; whole blocks only);
 - rawint4: the compressed-tensors int32 words seen as bytes, uint8 [out, in/2] + bf16 scale [out, in/32]
   (bits 4, group 32, no zero point);
-- int8: KT's tile order (ktchat.kt_weights.pack) int8 + fp32 scale per row: what its .kt files hold.
+- int8: KT's tile order (ktchat.formats.kt_weights.pack) int8 + fp32 scale per row: what its .kt files hold.
 
 CPU memory is then those bytes (plus the kernel's packed copy while it builds), not bf16's.
 """
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import KTChatError
 from ..formats import PROJS
-from ..quant import QuantizedWeight
+from ..formats.quant import QuantizedWeight
 from .base import ExpertsSpec
 
 # kt method -> the QuantizedWeight format its kernels run natively, and the block that format must have
@@ -95,7 +95,7 @@ def _data_scale(method: str, q: QuantizedWeight) -> tuple[torch.Tensor, torch.Te
         packed = q.data.contiguous().view(torch.uint8).reshape(q.shape[0], -1)[:, : q.shape[1] // 2]
         return packed.contiguous(), q.scale.to(torch.bfloat16).contiguous()
     if method == "int8":
-        from ..kt_weights import pack
+        from ..formats.kt_weights import pack
 
         if q.scale.shape[1] != 1:
             raise KTChatError(f"int8 weight with {q.scale.shape[1]} scales per row (written for "

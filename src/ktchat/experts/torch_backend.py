@@ -52,7 +52,7 @@ class TorchExperts(ExpertsBackend):
 
     def _prepare(self) -> None:
         if self.kt_int8:
-            from ..quant import kt_int8
+            from ..formats.quant import kt_int8
 
             for proj, w in self.weights.items():
                 for e in range(w.shape[0]):

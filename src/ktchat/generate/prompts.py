@@ -13,9 +13,12 @@ import difflib
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import KTChatError
+
+if TYPE_CHECKING:  # torch-free at import: the engine is imported where sampling() runs
+    from ..engine import SamplingParams
 
 logger = logging.getLogger(__name__)
 

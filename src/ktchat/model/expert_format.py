@@ -18,7 +18,7 @@ from ..adapter.core import Problems
 from ..adapter.kt_provenance import check_base, check_non_expert_cache, check_routed
 from ..errors import KTChatError
 from ..formats import KT_METHODS, TRAINED_METHOD
-from ..quant import quantization_config, scheme_of
+from ..formats.quant import quantization_config, scheme_of
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import Header, QuantLayout, open_checkpoint, quant_layout, st_name
+from ..formats.checkpoint import Header, QuantLayout, open_checkpoint, quant_layout, st_name
 from ..engine.hf import generation_class
 from ..errors import KTChatError
 from ..experts import ExpertsSpec
 from ..formats import PROJS
-from ..quant import quantization_config
+from ..formats.quant import quantization_config
 from .moe import CPUExperts, OffloadedMoE, Router
 from .placement import placement_of
 from .registry import FUSED_PROJS, MoEArch, decoder_layer
@@ -155,7 +155,7 @@ def _open_int8(root: Path | None, blocks: dict[int, OffloadedMoE]):
     """KT's INT8 set (kt_weights.KTInt8Experts) checked against these MoE layers' sizes, or None."""
     if root is None:
         return None
-    from ..kt_weights import open_int8_experts
+    from ..formats.kt_weights import open_int8_experts
 
     spec = next(iter(blocks.values())).cpu_experts.backend.spec
     return open_int8_experts(root, num_experts=spec.num_experts, hidden_size=spec.hidden_size,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..adapter import read_adapter
-from ..checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
+from ..formats.checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
 from ..config import ModelArgs, check_folders, check_gpu_experts_settings
 from ..errors import KTChatError
 from ..experts import ExpertsChoice, choose_experts

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, QuantLayout
+from ..formats.checkpoint import Checkpoint, QuantLayout
 from ..errors import KTChatError
 
 PARAM, EXPERT, FUSED, DERIVED, SKIPPED = "param", "expert", "fused", "derived", "skipped"

@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from ..checkpoint import SHARD_INDEX, open_checkpoint
+from ..formats.checkpoint import SHARD_INDEX, open_checkpoint
 from . import recipe
 from .families import Family, Spec
 

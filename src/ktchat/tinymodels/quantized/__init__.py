@@ -1,6 +1,6 @@
 """Tiny checkpoints in the quantized layouts big MoE models ship in, made offline from a tiny family's base.
 
-`build_quantized(root, variant, base)` quantizes the base's tensors the way the real checkpoints are made (ktchat.quant,
+`build_quantized(root, variant, base)` quantizes the base's tensors the way the real checkpoints are made (ktchat.formats.quant,
 round to nearest, scale from each block's max) and writes them under the real names, with config.json's
 quantization_config as the real ones have it; the base's trained adapter is copied beside it. The reference for a
 variant is its dequantized base with every LoRA merged by hand (tests/reference.py).
@@ -43,7 +43,7 @@ _KIMI_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*m
 class Variant:
     name: str
     family: str  # the tiny family whose base and adapter it starts from
-    format: str  # ktchat.quant format
+    format: str  # ktchat.formats.quant format
     block: tuple[int, int]
     only_routed: bool  # quantize the routed experts only (Kimi), else every Linear but the router (DeepSeek-V3)
     config: dict  # merged into config.json (quantization_config and the rest)
@@ -88,7 +88,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 
 def _stamp(variant: Variant, base: TinyPaths) -> str:
-    from ... import quant
+    from ...formats import quant
 
     h = hashlib.sha256(repr(variant).encode())
     h.update((base.root / "tiny-stamp.json").read_bytes())
@@ -137,8 +137,8 @@ def _write_model(v: Variant, base_dir: Path, out: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ... import quant
-    from ...checkpoint import SHARD_INDEX
+    from ...formats import quant
+    from ...formats.checkpoint import SHARD_INDEX
     from ..families import family
 
     out.mkdir(parents=True)

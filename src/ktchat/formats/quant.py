@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import KTChatError
+from ..errors import KTChatError
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,7 +257,7 @@ register(QuantFormat(
 
 
 # ---- int8: KT's pre-converted routed INT8 (kt_kernel's AMXInt8 / INT8_SFT experts), one scale per row ----
-# (added by the kernel side of issue 15; ktchat.kt_weights reads and writes kt_kernel's .kt files)
+# (added by the kernel side of issue 15; ktchat.formats.kt_weights reads and writes kt_kernel's .kt files)
 
 INT8_MAX = 127.0
 

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KTChatError
+from ..errors import KTChatError
 
 
 def sha256_file(path: Path) -> str:
@@ -288,7 +288,7 @@ class QuantLayout:
     """A checkpoint's quantized modules as its config.quantization_config and its headers say, checked on the
     headers alone (no tensor read): every quantized tensor has the others its format needs, nothing is left over."""
 
-    scheme: object  # ktchat.quant.QuantScheme, or None for an unquantized checkpoint
+    scheme: object  # ktchat.formats.quant.QuantScheme, or None for an unquantized checkpoint
     modules: dict[str, QuantizedModule]  # by on-disk module name
     member: dict[str, str]  # on-disk tensor name -> the module it belongs to
 

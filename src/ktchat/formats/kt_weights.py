@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import sha256_file
-from .errors import KTChatError
-from .formats import PROJS
+from ..errors import KTChatError
+from . import PROJS
 from .quant import QuantizedWeight, kt_int8
 
 MANIFEST_NAME = "kt-weight-manifest.json"
