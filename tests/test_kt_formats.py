@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ktchat import load_model, quant
+from ktchat import load_model
 from ktchat.adapter.writer import convert
 from ktchat.errors import KTChatError
+from ktchat.formats import quant
 from ktchat.formats.kt_weights import MANIFEST_NAME, open_int8_experts, sha256_file, write_int8_experts
 from ktchat.tinymodels.checkpoint import load_expert_weights
 
