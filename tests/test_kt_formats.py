@@ -533,3 +533,28 @@ def test_native_format_needs_its_checkpoint(tiny, kt_adapter, tmp_path):
     with pytest.raises(KTChatError, match=r"config.json: expert format fp8 needs a checkpoint quantized as fp8 "
                                           r"\(quantization_config\), but this base is not quantized"):
         load_model(tiny.model, adapter, experts_backend="torch", dtype="float32", device="cpu")
+
+
+def test_experts_kept_on_the_gpu_from_native_kt_weights(qbase):
+    """gpu_experts_gib on kt running the checkpoint's own bytes: the kept experts (the most routed, not just the
+    first ones) are those experts dequantized exactly with their LoRA; the split stays within kt's bound."""
+    pytest.importorskip("kt_kernel")
+    from ktchat.experts.kt_backend import unavailable_reason
+    from ktchat.model import offloaded_blocks
+
+    fmt, model_dir, adapter, reference, prompts = qbase
+    if reason := unavailable_reason("merged", fmt):
+        pytest.skip(reason)
+    from ktchat.model.gpu_experts import expert_bytes
+
+    def with_kept(gib):
+        return load_model(model_dir, adapter, experts_backend="kt", moe_lora="merged", dtype="float32",
+                          device=DEVICE, gpu_experts_gib=gib)[0]
+
+    blocks = offloaded_blocks(with_kept(1e-9))  # sized from it: half the experts
+    half = sum(b.experts.backend.spec.num_experts for b in blocks.values()) // 2
+    model = with_kept(half * expert_bytes(next(iter(blocks.values()))) / 2**30)
+    kept = [b.plan.resident for b in offloaded_blocks(model).values() if b.plan.resident is not None]
+    assert any(max(r.experts) >= len(r.experts) for r in kept), [r.experts for r in kept]
+    for ids in prompts:
+        assert rel_err(logits(model, ids), logits(reference, ids)) < KT_MODEL_BOUND[fmt]

@@ -47,8 +47,13 @@ class HostExperts:
     def subset(self, experts: list[int]) -> "HostExperts":
         """Just these experts (in this order): their weights and LoRA, copied out."""
         index = torch.tensor(experts, dtype=torch.long)
-        lora = {p: StackedLoRA(s.a[index], s.b[index], s.scale) for p, s in self.lora.items()}
-        return HostExperts({p: w[index] for p, w in self.weights.items()}, lora, self.merge)
+        return HostExperts({p: w[index] for p, w in self.weights.items()}, lora_rows(self.lora, experts), self.merge)
+
+
+def lora_rows(lora: dict[str, StackedLoRA], experts: list[int]) -> dict[str, StackedLoRA]:
+    """These experts' rows of a stacked LoRA (in this order), copied out."""
+    index = torch.tensor(experts, dtype=torch.long)
+    return {p: StackedLoRA(s.a[index], s.b[index], s.scale) for p, s in lora.items()}
 
 
 _HUGE_PAGE = 2 << 20

@@ -24,7 +24,7 @@ import torch
 from ..adapter import StackedLoRA, merge_lora
 from ..errors import KTChatError
 from ..formats import KT_METHODS, MOE_LORA_MODES, PROJS, TRAINED_METHOD  # noqa: F401 - TRAINED_METHOD re-exported
-from .base import BoundExperts, ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty
+from .base import BoundExperts, ExpertsBackend, ExpertsSpec, HostExperts, huge_page_empty, lora_rows
 from .kt_native import NATIVE_FORMAT, NativeWeights
 from .native_output import captured
 
@@ -257,8 +257,7 @@ class KTExperts(ExpertsBackend):
             return super().gpu_copy(experts)
         weights = {p: torch.stack([self.native.weights[p][e].dequantize(torch.float32) for e in experts])
                    .to(torch.bfloat16) for p in PROJS}
-        host = HostExperts(weights, dict(self._pending), merge=self.moe_lora == "merged")
-        return HostExperts(weights, host.subset(experts).lora, host.merge)
+        return HostExperts(weights, lora_rows(self._pending, experts), merge=self.moe_lora == "merged")
 
     def set_resident(self, mask):
         super().set_resident(mask)

@@ -22,7 +22,6 @@ from .moe import OffloadedMoE
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("frequency", "uniform", "front")
 AUTO_RESERVE_GIB, AUTO_RESERVE_SHARE = 4.0, 0.1  # left free by `auto`: for the cache, activations and graphs
 
 # What the calibration pass reads when the user gives no prompts: plain prose on a few topics, about 400 tokens.
@@ -204,7 +203,5 @@ def _keep_on(block: OffloadedMoE, experts: list[int], device: torch.device) -> N
     backend = block.cpu_experts.backend
     spec = backend.spec
     resident = ResidentExperts(block.layer_idx, spec.num_experts, experts, backend.gpu_copy(experts), device)
-    mask = torch.zeros(spec.num_experts, dtype=torch.bool)
-    mask[experts] = True
-    backend.set_resident(mask)
+    backend.set_resident(resident.mask)
     block.plan = replace(block.plan, resident=resident)
