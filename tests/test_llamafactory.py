@@ -563,13 +563,13 @@ def test_the_exit_waits_for_llamafactorys_generate_thread(lf_config):
 @needs_lf
 def test_ktchat_chat_refuses_a_template_unknown_to_llamafactory_before_the_load(lf_config):
     """tests/test_preload.py's rule with the real LLaMA-Factory: one line naming the key and the closest name."""
-    ktchat = Path(sys.executable).parent / "ktchat"
-    out = subprocess.run([str(ktchat), "chat", str(lf_config(template="deepsek", cpu_infer=None, kt_optimize_rule=None, chunk_size=None))], capture_output=True, text=True,
-                         timeout=LF_TIMEOUT, env={**os.environ, **ENV})
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith("ktchat: error: template: 'deepsek' is not one of LLaMA-Factory's templates")
-    assert "deepseek" in lines[0] and "loaded" not in out.stderr
+    from test_preload import assert_refused_before_load
+
+    config = lf_config(template="deepsek", cpu_infer=None, kt_optimize_rule=None, chunk_size=None)
+    out = subprocess.run([str(Path(sys.executable).parent / "ktchat"), "chat", str(config)], capture_output=True,
+                         text=True, timeout=LF_TIMEOUT, env={**os.environ, **ENV})
+    line = assert_refused_before_load(out, "template: 'deepsek' is not one of LLaMA-Factory's templates", "deepseek")
+    assert line.startswith("ktchat: error: template: 'deepsek'")
 
 
 @needs_lf

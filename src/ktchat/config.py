@@ -20,8 +20,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from . import formats
-from .formats.checkpoint import COMPUTE_DTYPES
 from .errors import KTChatError
+from .formats.checkpoint import COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 
-from ..formats.checkpoint import COMPUTE_DTYPES
 from ..formats import ADAPTER_LAYOUTS, EXPORT_FORMATS
+from ..formats.checkpoint import COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 

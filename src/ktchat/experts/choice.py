@@ -1,8 +1,9 @@
 """Which backend runs the routed experts, in which LoRA mode and weight format: decided here once, said once.
 
 "auto" takes kt where one of its kernels for the weight format runs on this CPU, else torch; a format other than
-bf16 whose kernel this kt build lacks falls back to the torch backend, on the same math where torch has it (int8, fp8,
-rawint4) and on the bf16 weights for int4 (or, asked for kt by name, is one error). moe_lora defaults to "exact" where kt has the SFT kernel (and always on torch), else "merged".
+bf16 whose kernel this kt build lacks falls back to the torch backend, on the same math where torch has it (int8,
+fp8, rawint4) and on the bf16 weights for int4 (or, asked for kt by name, is one error). moe_lora defaults to
+"exact" where kt has the SFT kernel (and always on torch), else "merged".
 kt_kernel is imported only here and only when kt may run: `import ktchat` never loads it.
 """
 
@@ -79,7 +80,8 @@ def _check_choices(name: str, moe_lora: str | None, kt_method: str | None) -> No
 
 def _format_fallback(name: str, moe_lora: str | None, method: str | None, adapters_method: bool) -> str:
     """A weight format other than bf16 that this CPU's kt build has no kernel for: "auto" runs the torch backend (on
-    the same math where it has it, else on the bf16 weights) and says so; "kt" is refused, naming what to set instead."""
+    the same math where it has it, else on the bf16 weights) and says so; "kt" is refused, naming what to set
+    instead."""
     if name == "torch" or method in (None, "bf16"):
         return name
     reason = kt_backend.unavailable_reason(moe_lora or "merged", method) if _kt_imports() else "no kt_kernel"

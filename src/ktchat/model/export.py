@@ -5,7 +5,8 @@ names and shard files, so vLLM, SGLang, kt-kernel or plain transformers load it 
 are streamed tensor by tensor: untouched tensors are copied byte for byte, memory stays at one tensor plus
 the current layer's expert LoRA. Everything is checked against the checkpoint's headers before a byte is written.
 
-Quantized bases (config.json's quantization_config: DeepSeek-V3's block FP8, compressed-tensors INT4; ktchat.formats.quant):
+Quantized bases (config.json's quantization_config: DeepSeek-V3's block FP8, compressed-tensors INT4;
+ktchat.formats.quant):
 `format="bf16"` (the default) writes every quantized weight dequantized (exact, fp32) with its LoRA merged, as
 `<module>.weight` in bf16 (or `dtype`), and drops quantization_config: the checkpoint any server loads, about 2 bytes
 per parameter on disk (DeepSeek-V3 671B: ~1.3 TB, against ~0.7 TB in FP8). `format="base"` keeps the base's format:
@@ -32,10 +33,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..adapter import check_channels, merge_lora, read_adapter, split_channels
-from ..formats.checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, QuantLayout, TensorInfo,
-                          open_checkpoint, quant_layout, st_name, staged_output)
 from ..errors import KTChatError
 from ..formats import EXPORT_FORMATS
+from ..formats.checkpoint import (BY_TORCH_NAME, COMPUTE_DTYPES, SHARD_INDEX, DType, Header, QuantLayout,
+                                  TensorInfo, open_checkpoint, quant_layout, st_name, staged_output)
 from ..formats.quant import quantization_config
 from .registry import FUSED_PROJS, MoEArch, arch_named
 

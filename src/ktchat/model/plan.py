@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from ..adapter import read_adapter
-from ..formats.checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
 from ..config import ModelArgs, check_folders, check_gpu_experts_settings
 from ..errors import KTChatError
 from ..experts import ExpertsChoice, choose_experts
+from ..formats.checkpoint import BY_TORCH_NAME, COMPUTE_DTYPES
 from . import expert_format
 from .moe import check_gpu_prefill
 from .placement import check_devices

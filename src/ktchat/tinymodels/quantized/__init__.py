@@ -1,7 +1,7 @@
 """Tiny checkpoints in the quantized layouts big MoE models ship in, made offline from a tiny family's base.
 
-`build_quantized(root, variant, base)` quantizes the base's tensors the way the real checkpoints are made (ktchat.formats.quant,
-round to nearest, scale from each block's max) and writes them under the real names, with config.json's
+`build_quantized(root, variant, base)` quantizes the base's tensors the way the real checkpoints are made
+(ktchat.formats.quant, round to nearest, scale from each block's max) and writes them under the real names, with config.json's
 quantization_config as the real ones have it; the base's trained adapter is copied beside it. The reference for a
 variant is its dequantized base with every LoRA merged by hand (tests/reference.py).
 
