@@ -143,6 +143,16 @@ def _block_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return padded.view(gr, block[0], gc, block[1]).amax(dim=(1, 3))
 
 
+def _dequantize_scaled(q: QuantizedWeight) -> torch.Tensor:
+    """An unpacked format (one stored value per weight): value times its block's scale."""
+    return q.data.to(torch.float32) * _expand(q.scale, q.shape, q.block)
+
+
+def _unpacked(name: str) -> Callable[[dict[str, torch.Tensor], tuple[int, int]], QuantizedWeight]:
+    """from_tensors of an unpacked format: the data's shape is the weight's."""
+    return lambda t, block: QuantizedWeight(name, t["data"], t["scale"], block, tuple(t["data"].shape))
+
+
 # ---- fp8: DeepSeek-V3 block FP8 ----
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -156,10 +166,6 @@ def _fp8_check(q: QuantizedWeight) -> str | None:
     return _check_scale(q)
 
 
-def _fp8_dequantize(q: QuantizedWeight) -> torch.Tensor:
-    return q.data.to(torch.float32) * _expand(q.scale, q.shape, q.block)
-
-
 def _fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> QuantizedWeight:
     w = w.to(torch.float32)
     amax = _block_amax(w, block)
@@ -168,18 +174,14 @@ def _fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> QuantizedWeight:
     return QuantizedWeight("fp8", data, scale, block, tuple(w.shape))
 
 
-def _fp8_from_tensors(t: dict[str, torch.Tensor], block: tuple[int, int]) -> QuantizedWeight:
-    return QuantizedWeight("fp8", t["data"], t["scale"], block, tuple(t["data"].shape))
-
-
 register(QuantFormat(
     name="fp8",
     tensors={"data": "weight", "scale": "weight_scale_inv"},
     data_dtypes=(torch.float8_e4m3fn,),
     check=_fp8_check,
-    dequantize=_fp8_dequantize,
+    dequantize=_dequantize_scaled,
     quantize=_fp8_quantize,
-    from_tensors=_fp8_from_tensors,
+    from_tensors=_unpacked("fp8"),
     to_tensors=lambda m, q: {f"{m}.weight": q.data, f"{m}.weight_scale_inv": q.scale},
     doc="float8_e4m3fn values, one fp32 scale_inv per block (DeepSeek-V3)",
 ))
@@ -274,10 +276,6 @@ def _int8_check(q: QuantizedWeight) -> str | None:
     return _check_scale(q)
 
 
-def _int8_dequantize(q: QuantizedWeight) -> torch.Tensor:
-    return q.data.to(torch.float32) * _expand(q.scale, q.shape, q.block)
-
-
 def _int8_quantize(w: torch.Tensor, block: tuple[int, int]) -> QuantizedWeight:
     """kt_kernel's own rule, bit for bit (checked against its .kt files): scale = amax * (1/127) in fp32,
     q = round-half-even(w * (1/scale)); an all-zero row keeps scale 0 and q 0."""
@@ -294,9 +292,9 @@ register(QuantFormat(
     tensors={"data": "weight", "scale": "weight_scale"},
     data_dtypes=(torch.int8,),
     check=_int8_check,
-    dequantize=_int8_dequantize,
+    dequantize=_dequantize_scaled,
     quantize=_int8_quantize,
-    from_tensors=lambda t, block: QuantizedWeight("int8", t["data"], t["scale"], block, tuple(t["data"].shape)),
+    from_tensors=_unpacked("int8"),
     to_tensors=lambda m, q: {f"{m}.weight": q.data, f"{m}.weight_scale": q.scale},
     doc="KT routed INT8: int8 values, one fp32 scale per row (per row and NUMA slice of the input)",
 ))
