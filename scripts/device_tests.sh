@@ -12,12 +12,16 @@ out=${OUT:-/tmp/ktchat-device}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/.devkt${PYTHONPATH:+:$PYTHONPATH}" KTCHAT_TEST_DEVICE=cuda HF_HUB_OFFLINE=1 \
   TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 KTCHAT_TEST_CACHE=/tmp/ktchat-tiny/tiny
-files=(tests/test_engine.py tests/test_families.py tests/test_mla.py tests/test_kept_cache.py tests/test_gpu_prefill.py
-       tests/test_kt_backend.py tests/test_kt_formats.py tests/test_quantized.py tests/test_exactness.py)
+files=(tests/test_engine.py tests/test_batching.py tests/test_families.py tests/test_gpu_experts.py tests/test_mla.py
+       tests/test_kept_cache.py tests/test_gpu_prefill.py tests/test_kt_backend.py tests/test_kt_formats.py
+       tests/test_quantized.py tests/test_exactness.py)
 start=$SECONDS
-python3 -m pytest -q -p no:cacheprovider -o addopts="" "${@:-${files[@]}}" 2>&1 | tee "$out/device-tests.log"
+limit=${KTCHAT_DEVICE_TEST_LIMIT:-480}  # inside the device call's 10 minutes, so the record below is always written
+timeout "$limit" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE "${@:-${files[@]}}" 2>&1 \
+  | tee "$out/device-tests.log"
 status=${PIPESTATUS[0]}
 summary=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error).* =+$" "$out/device-tests.log" | tail -1)
+[[ $status == 124 ]] && summary="stopped at the ${limit} s limit (device-tests.log has what ran)"
 {
   echo "| commit | date | machine | result | seconds |"
   echo "|---|---|---|---|---|"
