@@ -37,29 +37,38 @@ def floor_tok_s(cfg: dict, batch: int, bandwidth_gbs: float, dtype_bytes: int = 
 
 
 def step_times(engine, batch: int, prompt: int, new_tokens: int, vocab: int, seed: int) -> list[float]:
-    """Intervals between consecutive decode steps that ran all `batch` sequences."""
+    """`new_tokens` intervals between consecutive decode steps that ran all `batch` sequences. The engine lets one
+    prompt chunk join between two decode steps, so the first sequence decodes about `batch` tokens before the last
+    one joins: each may run that much longer, and all are cancelled once the intervals are measured."""
     import torch
 
     from ktchat.engine import SamplingParams
 
-    stamps = []
+    stamps, sequences = [], []
     decode = engine.runner.decode
 
     def timed(cache, rows, *args, **kwargs):
         stamps.append((time.perf_counter(), len(rows)))
+        if sum(n == batch for _, n in stamps) > new_tokens:
+            for sequence in sequences:
+                sequence.cancel()  # at the next step boundary
         return decode(cache, rows, *args, **kwargs)
 
     engine.runner.decode = timed  # the bench's own instrument on its own runner
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab - 2, (prompt,), generator=gen).tolist() for _ in range(batch)]
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    joining = batch * -(-prompt // engine.prefill_chunk)  # decode steps while the others' prompts go in
+    params = SamplingParams(max_new_tokens=new_tokens + joining + 1, min_new_tokens=new_tokens + joining + 1)
     try:
-        for sequence in [engine.submit(p, params) for p in prompts]:
+        sequences.extend(engine.submit(p, params) for p in prompts)
+        for sequence in sequences:
             sequence.wait()
     finally:
         engine.runner.decode = decode
     full = [t for t, rows in stamps if rows == batch]
-    return [b - a for a, b in zip(full, full[1:])]
+    if len(full) < 2:
+        raise SystemExit(f"B={batch}: the batch never ran full ({max(n for _, n in stamps)} at most)")
+    return [b - a for a, b in zip(full, full[1:])][:new_tokens]
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 # checkpoint is written, measured by bench/model_bench.py (medians; the CPU read bandwidth, hence the floor, measured
 # in the same process), optionally followed by a 10-turn chat (bench/chat_turns.py), then deleted (the machine's disk
 # holds one ~32 GB checkpoint at a time).
-#   bench/device_decode.sh FAMILY:VARIANT,VARIANT[:turns,batch] ...
+#   bench/device_decode.sh FAMILY:[VARIANT,VARIANT][:turns,batch] ...   (no variants: the extras alone)
 #   bench/device_decode.sh qwen3_5_moe_text:kt-exact,kt-exact-eager,hf-peft:turns glm4_moe:kt-exact deepseek_v2:kt-exact
 # Extras: turns, a 10-turn chat whose template rewrites the last prompt's end (bench/chat_turns.py --thinking); batch,
 # aggregate decode at B = 1, 4, 16, 64, 256 (bench/batch_bench.py). Variants take model_bench's suffixes (":tN" kt
@@ -19,8 +19,10 @@ export PYTHONPATH="$PWD/src:$PWD/.devkt${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLI
 status=0
 for spec in "$@"; do
   IFS=: read -r family variants extras <<< "$spec"
-  python3 bench/model_bench.py --out "$work" --family "$family" --prompt 512 --new-tokens 64 --repeats 3 \
-    --variants ${variants//,/ } --json "$out/decode-$family.json" 2>&1 | tee "$out/decode-$family.log" || status=1
+  if [[ -n $variants ]]; then
+    python3 bench/model_bench.py --out "$work" --family "$family" --prompt 512 --new-tokens 64 --repeats 3 \
+      --variants ${variants//,/ } --json "$out/decode-$family.json" 2>&1 | tee "$out/decode-$family.log" || status=1
+  fi
   if [[ ",$extras," == *,turns,* ]]; then
     python3 bench/chat_turns.py --out "$work" --family "$family" --turns 10 --turn-tokens 300 --new-tokens 16 \
       --thinking --variants kt-exact --json "$out/turns-$family.json" 2>&1 | tee "$out/turns-$family.log" || status=1
