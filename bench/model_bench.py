@@ -255,10 +255,11 @@ def write_tokenizer(model: Path, vocab: int) -> None:
     (model / "tokenizer_config.json").write_text(json.dumps(dict(cfg, tokenizer_class="PreTrainedTokenizerFast")))
 
 
-def load(engine: str, root: Path, kwargs: dict, device_map: str = "cuda"):
+def load(engine: str, root: Path, kwargs: dict):
     import torch
 
     kwargs = dict(kwargs)
+    device_map = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run of the bench's own code
     if engine.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
@@ -308,11 +309,13 @@ def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens:
     import torch
 
     engine, kwargs = variant(name)
-    torch.cuda.synchronize()  # creates the CUDA context before any timer: neither imports nor load pay for it
+    gpu = torch.cuda.is_available()  # without one: a smoke run (tiny --layers) of the bench's code, no figures
+    if gpu:
+        torch.cuda.synchronize()  # creates the CUDA context before any timer: neither imports nor load pay for it
     import_s = timed(lambda: import_engine(engine, family))  # apart from the load: both sides pay it once per process
     load_s = timed(lambda: globals().__setitem__("_model", load(engine, root, kwargs)))
     model = globals().pop("_model")
-    ids = torch.randint(0, 100000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, 100000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(model.device)
     gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         model(ids[:, :16])  # warm-up
@@ -324,7 +327,7 @@ def run_variant(name: str, root: Path, family: str, prompt_len: int, new_tokens:
         **engine_figures(model),
         "variant": name, "load_s": load_s, "import_s": import_s, "prefill_tok_s": prompt_len / statistics.median(prefill),
         "decode_tok_s": 1 / statistics.median(decode), "decode_ms": 1000 * statistics.median(decode),
-        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
         "cpu_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -453,7 +456,8 @@ def decode_breakdown(engine, graph, repeats: int = 20) -> dict:
     """Where a graphed decode token goes: the graph alone (GPU work + CPU experts inside), and the CPU experts
     alone (every layer's bound task run from the host on the same buffers)."""
     replay = [timed(graph.graph.replay) for _ in range(repeats)]
-    bound = [e._bound[0] for e in engine.runner.experts]
+    rows = graph.inputs["rows"].shape[0]  # the graph's batch bucket: each experts module's task bound for it
+    bound = [e._bound[rows][0] for e in engine.runner.experts]
 
     def experts():
         for b in bound:
