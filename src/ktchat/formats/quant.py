@@ -62,7 +62,9 @@ class QuantizedWeight:
 
     def tensors(self, module: str) -> dict[str, torch.Tensor]:
         """The checkpoint tensors of module `module` ("model.layers.3.mlp.experts.0.up_proj"), for export."""
-        return FORMATS[self.format].to_tensors(module, self)
+        fmt = FORMATS[self.format]
+        names = fmt.names(module)
+        return {names[role]: t for role, t in fmt.to_tensors(self).items()}
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class QuantFormat:
     dequantize: Callable[[QuantizedWeight], torch.Tensor]  # -> fp32 [out, in]
     quantize: Callable[[torch.Tensor, tuple[int, int]], QuantizedWeight]  # fp32 [out, in], block -> weight
     from_tensors: Callable[[dict[str, torch.Tensor], tuple[int, int]], QuantizedWeight]  # role -> tensor
-    to_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]]  # module -> {name: tensor}
+    to_tensors: Callable[[QuantizedWeight], dict[str, torch.Tensor]]  # -> role -> tensor (named by `tensors`)
     required: tuple[str, ...] = ("data", "scale")  # roles that must be present (others optional)
     doc: str = ""
 
@@ -153,6 +155,11 @@ def _unpacked(name: str) -> Callable[[dict[str, torch.Tensor], tuple[int, int]],
     return lambda t, block: QuantizedWeight(name, t["data"], t["scale"], block, tuple(t["data"].shape))
 
 
+def _unpacked_roles(q: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """to_tensors of an unpacked format: its values and its scales."""
+    return {"data": q.data, "scale": q.scale}
+
+
 # ---- fp8: DeepSeek-V3 block FP8 ----
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -182,7 +189,7 @@ register(QuantFormat(
     dequantize=_dequantize_scaled,
     quantize=_fp8_quantize,
     from_tensors=_unpacked("fp8"),
-    to_tensors=lambda m, q: {f"{m}.weight": q.data, f"{m}.weight_scale_inv": q.scale},
+    to_tensors=_unpacked_roles,
     doc="float8_e4m3fn values, one fp32 scale_inv per block (DeepSeek-V3)",
 ))
 
@@ -252,8 +259,8 @@ register(QuantFormat(
     dequantize=_int4_dequantize,
     quantize=_int4_quantize,
     from_tensors=_int4_from_tensors,
-    to_tensors=lambda m, q: {f"{m}.weight_packed": q.data, f"{m}.weight_scale": q.scale,  # shape as compressed-
-                             f"{m}.weight_shape": torch.tensor(q.shape, dtype=torch.int64)},  # tensors writes it
+    to_tensors=lambda q: {"data": q.data, "scale": q.scale,
+                          "shape": torch.tensor(q.shape, dtype=torch.int64)},  # as compressed-tensors writes it
     doc="compressed-tensors pack-quantized: signed 4-bit, 8 per int32, one scale per group of the input dim",
 ))
 
@@ -295,7 +302,7 @@ register(QuantFormat(
     dequantize=_dequantize_scaled,
     quantize=_int8_quantize,
     from_tensors=_unpacked("int8"),
-    to_tensors=lambda m, q: {f"{m}.weight": q.data, f"{m}.weight_scale": q.scale},
+    to_tensors=_unpacked_roles,
     doc="KT routed INT8: int8 values, one fp32 scale per row (per row and NUMA slice of the input)",
 ))
 
