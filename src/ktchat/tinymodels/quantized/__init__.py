@@ -1,9 +1,9 @@
 """Tiny checkpoints in the quantized layouts big MoE models ship in, made offline from a tiny family's base.
 
 `build_quantized(root, variant, base)` quantizes the base's tensors the way the real checkpoints are made
-(ktchat.formats.quant, round to nearest, scale from each block's max) and writes them under the real names, with config.json's
-quantization_config as the real ones have it; the base's trained adapter is copied beside it. The reference for a
-variant is its dequantized base with every LoRA merged by hand (tests/reference.py).
+(ktchat.formats.quant, round to nearest, scale from each block's max) and writes them under the real names, with
+config.json's quantization_config as the real ones have it; the base's trained adapter is copied beside it. The
+reference for a variant is its dequantized base with every LoRA merged by hand (tests/reference.py).
 
 - deepseek_v3-fp8: DeepSeek-V3's block FP8, blocks [128, 128]: every Linear but the router in FP8 (embeddings, norms,
   router, lm_head stay bf16), with partial edge blocks where the tiny dims are not multiples of 128
